@@ -1,0 +1,99 @@
+"""ViT image encoder: patch embedding, learned position embeddings, pre-norm transformer blocks."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from openvlthinker.models import layers
+from openvlthinker.sharding import Sharder
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  image_size: int = 64
+  patch_size: int = 8
+  width: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 512
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"model.vision.image_size: {self.image_size} is not a multiple of "
+                       f"model.vision.patch_size={self.patch_size}")
+    if self.width % self.num_heads:
+      raise ValueError(f"model.vision.num_heads: {self.num_heads} does not divide "
+                       f"model.vision.width={self.width}")
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+
+class ViTBlock(nnx.Module):
+  """Pre-norm block: full multi-head self-attention and a GELU MLP."""
+
+  def __init__(self, cfg: ViTConfig, sharder: Sharder, *, rngs: nnx.Rngs):
+    self.cfg, self.sharder = cfg, sharder
+    d, n = cfg.width, cfg.num_heads
+    h = d // n
+    init = layers.fan_in_init((0,))
+    pd = cfg.param_dtype
+    self.norm1 = layers.LayerNorm(d, rngs=rngs)
+    self.qkv = layers.param(rngs, init, (3, d, n, h), (None, "embed", "heads", "head_dim"), pd)
+    self.o = layers.param(rngs, layers.fan_in_init((0, 1)), (n, h, d),
+                          ("heads", "head_dim", "embed"), pd)
+    self.norm2 = layers.LayerNorm(d, rngs=rngs)
+    self.fc1 = layers.param(rngs, init, (d, cfg.mlp_dim), ("embed", "mlp"), pd)
+    self.b1 = layers.param(rngs, nnx.initializers.zeros, (cfg.mlp_dim,), ("mlp",), pd)
+    self.fc2 = layers.param(rngs, init, (cfg.mlp_dim, d), ("mlp", "embed"), pd)
+    self.b2 = layers.param(rngs, nnx.initializers.zeros, (d,), (None,), pd)
+
+  def __call__(self, x):
+    dt = self.cfg.dtype
+    q, k, v = jnp.einsum("bpd,tdnh->tbpnh", self.norm1(x), self.qkv[...].astype(dt))
+    out = layers.attend(q, k, v, None)
+    x = x + jnp.einsum("bpnh,nhd->bpd", out, self.o[...].astype(dt))
+    h = jax.nn.gelu(self.norm2(x) @ self.fc1[...].astype(dt) + self.b1[...].astype(dt))
+    h = self.sharder.constrain(h, ("batch", None, "act_mlp"))
+    return x + h @ self.fc2[...].astype(dt) + self.b2[...].astype(dt)
+
+
+class ViT(nnx.Module):
+  """Images uint8/float[B, H, W, 3] → patch features [B, grid*grid, width] (row-major patches)."""
+
+  def __init__(self, cfg: ViTConfig, sharder: Sharder = Sharder(), *, rngs: nnx.Rngs):
+    self.cfg, self.sharder = cfg, sharder
+    p = cfg.patch_size
+    self.patch = layers.param(rngs, layers.fan_in_init((0,)), (p * p * 3, cfg.width),
+                              (None, "embed"), cfg.param_dtype)
+    self.pos = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.num_patches, cfg.width),
+                            (None, "embed"), cfg.param_dtype)
+    self.blocks = nnx.List([ViTBlock(cfg, sharder, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = layers.LayerNorm(cfg.width, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, hgt, wid, c = images.shape
+    if (hgt, wid, c) != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"images: expected [..., {cfg.image_size}, {cfg.image_size}, 3] "
+                       f"(model.vision.image_size), got {images.shape}")
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+      x = x / 127.5 - 1.0
+    g, p = cfg.grid, cfg.patch_size
+    x = x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
+    x = x.astype(cfg.dtype) @ self.patch[...].astype(cfg.dtype) + self.pos[...].astype(cfg.dtype)
+    x = self.sharder.constrain(x, ("batch", None, None))
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x)

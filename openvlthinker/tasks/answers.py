@@ -1,0 +1,61 @@
+"""How a task writes what the model reads and must produce: options, answers, reasoning traces.
+
+Answers use a small regular vocabulary (digits, colour and shape words, option letters) and traces
+stay short, because the CPU demo's model is tiny and decodes about 48-96 tokens per response.
+"""
+from collections.abc import Sequence
+
+import numpy as np
+
+LETTERS = "ABCDEFGHIJ"
+MAX_DIFFICULTY = 3
+
+
+def respond(thinking: str, answer: str) -> str:
+  """The full response in the REFERENCE §2 format."""
+  return f"<thinking>{thinking}</thinking><answer>{answer}</answer>"
+
+
+def box_json(box: Sequence[int]) -> str:
+  """The grounding answer text for an integer pixel box [x1, y1, x2, y2]."""
+  x1, y1, x2, y2 = (int(v) for v in box)
+  return f'{{"boxes": [{x1}, {y1}, {x2}, {y2}]}}'
+
+
+def choices(rng: np.random.Generator, items: Sequence[str], correct: str,
+            shuffle: bool) -> tuple[tuple[str, ...], str]:
+  """Options spelled "A. text" and the correct letter.
+
+  items: every option text in a canonical order, `correct` among them. With shuffle=False the
+  canonical order is kept (an easier task: each letter always means the same word).
+  """
+  items = list(items)
+  if correct not in items or len(set(items)) != len(items):
+    raise ValueError(f"items: expected distinct options containing {correct!r}, got {items}")
+  if shuffle:
+    items = [items[i] for i in rng.permutation(len(items))]
+  options = tuple(f"{LETTERS[i]}. {text}" for i, text in enumerate(items))
+  return options, LETTERS[items.index(correct)]
+
+
+def pick(rng: np.random.Generator, items: Sequence, k: int | None = None):
+  """One element of `items` (k=None) or a list of k distinct ones, in random order."""
+  if k is None:
+    return items[int(rng.integers(len(items)))]
+  return [items[i] for i in rng.choice(len(items), size=k, replace=False)]
+
+
+def check_difficulty(difficulty: int) -> int:
+  """Returns difficulty as an int or raises ValueError naming the field."""
+  if isinstance(difficulty, bool) or not isinstance(difficulty, (int, np.integer)) or not (
+      0 <= difficulty <= MAX_DIFFICULTY):
+    raise ValueError(f"difficulty: got {difficulty!r}, expected an int in [0, {MAX_DIFFICULTY}]")
+  return int(difficulty)
+
+
+def check_image_size(image_size: int) -> int:
+  """Returns image_size as an int or raises ValueError naming the field."""
+  if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or not (
+      32 <= image_size <= 1024):
+    raise ValueError(f"image_size: got {image_size!r}, expected an int in [32, 1024]")
+  return int(image_size)

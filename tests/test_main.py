@@ -1,0 +1,29 @@
+"""The entry point validates the config before compiling and reports bad fields in one line."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*overrides):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "openvlthinker.main", "--config=configs/test.py",
+                         "--workdir=/tmp/ovt-test-main", *overrides], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.model.num_layerz=3", "num_layerz"),
+    ("--config.model.num_heads=3", "model.num_heads"),
+    ("--config.model.vision.patch_size=5", "model.vision.patch_size"),
+    ("--config.model.dtype=float16", "model.dtype"),
+])
+def test_bad_config_stops_with_one_line_naming_the_field(override, field):
+  proc = run_main(override)
+  assert proc.returncode != 0
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and field in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
