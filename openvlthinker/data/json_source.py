@@ -75,7 +75,8 @@ def _str_list(name: str, record: Mapping[str, Any], key: str, default=dataclasse
   values = _field(name, record, key, list, default)
   for v in values:
     if not isinstance(v, str):
-      raise ValueError(f"record {name}: field {key!r} must be a list of strings, got item {v!r:.80}")
+      raise ValueError(f"record {name}: field {key!r} must be a list of strings, "
+                       f"got item {v!r:.80}")
   return tuple(values)
 
 
@@ -104,9 +105,9 @@ def parse_record(name: str, record: Any, image_root: str) -> _Record:
   uid = str(record["problem_id"]) if "problem_id" in record else name
   meta = {k: v for k, v in record.items() if k not in _CONSUMED}
   meta["image_paths"] = list(paths)
+  reasoning = _field(name, record, "reasoning", str, default="")
   example = Example(images=(), question=question, answer=answer, problem_type=problem_type,
-                    task_type=task_type, options=options,
-                    reasoning=_field(name, record, "reasoning", str, default=""), uid=uid, meta=meta)
+                    task_type=task_type, options=options, reasoning=reasoning, uid=uid, meta=meta)
   return _Record(name=name, image_paths=paths, example=example)
 
 
@@ -159,7 +160,9 @@ class JsonSource:
   def __getitem__(self, index: int) -> Example:
     record = self._records[index]
     images = tuple(load_image(p, record.name) for p in record.image_paths)
-    return dataclasses.replace(record.example, images=images, meta=dict(record.example.meta))
+    # Pixel sizes before the pipeline resizes: grounding boxes are in these coordinates.
+    meta = dict(record.example.meta, image_sizes=[list(i.shape[:2]) for i in images])
+    return dataclasses.replace(record.example, images=images, meta=meta)
 
   def task_types(self) -> list[str]:
     return [r.example.task_type for r in self._records]

@@ -1,9 +1,10 @@
 """The prompt template (REFERENCE §7) and the tokenisation of an `Example` into model inputs.
 
-Prompt text: one `<image>` per image before the question unless the question already carries
-`<image>` placeholders, then the question, then the options one per line (multiple choice), then a
-short fixed instruction for the problem type. Token sequences are `[bos] prompt` for RL and
-`[bos] prompt response [eos]` for SFT; each `<image>` id is expanded to `num_image_tokens` copies.
+Prompt text: `<image>` and a newline per image before the question unless the question already
+carries `<image>` placeholders, then the question, then the options one per line (multiple
+choice), then a short fixed instruction for the problem type. Token sequences are `[bos] prompt`
+for RL and `[bos] prompt response [eos]` for SFT; each `<image>` id becomes `num_image_tokens`
+copies of itself.
 """
 import numpy as np
 
@@ -34,7 +35,8 @@ def prompt_text(example: Example) -> str:
   if num_placeholders and num_placeholders != len(example.images):
     raise ValueError(f"example {example.uid!r}: question has {num_placeholders} {IMAGE} "
                      f"placeholders but there are {len(example.images)} images")
-  prefix = "" if num_placeholders else IMAGE * len(example.images)
+  # A newline after each image keeps the image-token runs of adjacent images apart.
+  prefix = "" if num_placeholders else (IMAGE + "\n") * len(example.images)
   parts = [prefix + example.question]
   parts.extend(example.options)
   parts.append(instruction(example.problem_type))

@@ -14,12 +14,18 @@ from grain import experimental as grain_experimental
 import numpy as np
 
 from openvlthinker import taxonomy
+from openvlthinker.tasks import answers
+from openvlthinker.tasks import registry
 from openvlthinker.tasks.base import Example
 
 # Large enough that no run reads a task's virtual range twice, small enough for int32 indices.
 SUITE_VIRTUAL_SIZE = 2**31
 # The mixture stream is cut into blocks of this many records; weights resolve to 1/MIXTURE_BLOCK.
 MIXTURE_BLOCK = 1000
+# Tasks up to this many records shuffle with a cached numpy permutation per epoch: grain's
+# index_shuffle costs about 25 ms / length per lookup (6 ms at length 4, 30 us at 1000), so only
+# larger ones use it.
+SMALL_TASK = 2**20
 
 
 def derive_seed(*parts: int) -> int:
@@ -37,14 +43,18 @@ class SuiteTaskSource:
 
   def __init__(self, task_type: str, split: str = "train", difficulty: int = 0,
                image_size: int = 64, size: int = SUITE_VIRTUAL_SIZE):
+    if split not in registry.SPLITS:
+      raise ValueError(f"split: got {split!r}, expected one of {registry.SPLITS}")
     self.task_type = taxonomy.canonical_task_type(task_type)
-    self.split, self.difficulty, self.image_size, self._size = split, difficulty, image_size, size
+    self.split, self._size = split, size
+    # Checked here so a bad config fails when the pipeline is built, not in a worker.
+    self.difficulty = answers.check_difficulty(difficulty)
+    self.image_size = answers.check_image_size(image_size)
 
   def __len__(self) -> int:
     return self._size
 
   def __getitem__(self, index: int) -> Example:
-    from openvlthinker.tasks import registry  # pylint: disable=g-import-not-at-top
     return registry.generate(self.task_type, self.split, int(index), difficulty=self.difficulty,
                              image_size=self.image_size)
 
@@ -54,8 +64,13 @@ class SuiteSource:
 
   def __init__(self, split: str = "train", difficulty: Mapping[str, int] | None = None,
                image_size: int = 64):
-    difficulty = {taxonomy.canonical_task_type(k): v for k, v in (difficulty or {}).items()}
-    self._tasks = {t: SuiteTaskSource(t, split, difficulty.get(t, 0), image_size)
+    levels = {}
+    for name, level in (difficulty or {}).items():
+      try:
+        levels[taxonomy.canonical_task_type(name)] = answers.check_difficulty(level)
+      except ValueError as e:
+        raise ValueError(f"data.difficulty[{name!r}]: {e}") from None
+    self._tasks = {t: SuiteTaskSource(t, split, levels.get(t, 0), image_size)
                    for t in taxonomy.TASK_TYPES}
 
   def by_task(self) -> dict[str, SuiteTaskSource]:
@@ -75,6 +90,34 @@ class Subset:
     return self._source[int(self._indices[index])]
 
 
+class ShuffledEpochs:
+  """`source` repeated forever, each epoch in the order of its own seeded permutation."""
+
+  def __init__(self, source, seed: int):
+    self._source, self._seed, self._cache = source, seed, {}
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index: int):
+    epoch, position = divmod(int(index), len(self._source))
+    cache = self._cache
+    order = cache.get(epoch)
+    if order is None:
+      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._source))
+      # Rebinding a new dict is atomic, so reader threads never see a half-updated cache; readers
+      # move forward, so the epoch before this one is all that is worth keeping.
+      self._cache = {e: o for e, o in cache.items() if e >= epoch - 1} | {epoch: order}
+    return self._source[int(order[position])]
+
+
+def shuffled_epochs(source, seed: int) -> grain.MapDataset:
+  """An infinite MapDataset over `source`: a new seeded order every epoch."""
+  if len(source) <= SMALL_TASK:
+    return grain.MapDataset.source(ShuffledEpochs(source, seed))
+  return grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+
+
 def mixture_counts(weights: Sequence[float], block: int = MIXTURE_BLOCK) -> np.ndarray:
   """int64[T] records per block for each weight: largest remainder, every positive weight ≥ 1."""
   w = np.asarray(weights, np.float64)
@@ -82,10 +125,13 @@ def mixture_counts(weights: Sequence[float], block: int = MIXTURE_BLOCK) -> np.n
     raise ValueError(f"mixture weights: expected positive finite numbers, got {list(weights)}")
   if len(w) > block:
     raise ValueError(f"mixture weights: at most {block} tasks, got {len(w)}")
-  exact = w / w.sum() * (block - len(w))
-  counts = np.floor(exact).astype(np.int64) + 1
+  exact = w / w.sum() * block
+  counts = np.floor(exact).astype(np.int64)
   remainder = block - counts.sum()
-  counts[np.argsort(-(exact - np.floor(exact)), kind="stable")[:remainder]] += 1
+  counts[np.argsort(-(exact - counts), kind="stable")[:remainder]] += 1
+  for tiny in np.flatnonzero(counts == 0):  # a positive weight keeps one slot, from the largest
+    counts[np.argmax(counts)] -= 1
+    counts[tiny] = 1
   return counts
 
 
@@ -144,8 +190,7 @@ def mixed_dataset(by_task: Mapping[str, Sequence[Example]], weights: Mapping[str
   """
   resolved = resolve_weights([t for t, s in by_task.items() if len(s)], weights)
   tasks = tuple(t for t in taxonomy.TASK_TYPES if t in resolved)
-  parts = [grain.MapDataset.source(by_task[t])
-           .shuffle(seed=derive_seed(seed, 1, taxonomy.task_id(t))).repeat() for t in tasks]
+  parts = [shuffled_epochs(by_task[t], derive_seed(seed, 1, taxonomy.task_id(t))) for t in tasks]
   counts = mixture_counts([resolved[t] for t in tasks])
   mixture = TaskMixture(counts, derive_seed(seed, 2))
   return grain.MapDataset.select_from_datasets(parts, mixture), tasks

@@ -2,8 +2,8 @@
 
 The shipped model (assets/suite_sp.model, rebuilt by `python -m openvlthinker.data.build_tokenizer`)
 uses identity normalisation, byte fallback and split digits, so every string round-trips exactly
-and digits are one token each. Ids: pad 0, bos 1, eos 2, unk 3, then `<image>`, `<thinking>`,
-`</thinking>`, `<answer>`, `</answer>` and a newline piece as single ids.
+and digits are one token each. Ids: pad 0, bos 1, eos 2, then `<image>` 3, `<thinking>` 4,
+`</thinking>` 5, `<answer>` 6, `</answer>` 7, newline 8, unk 9 (byte fallback leaves it unused).
 """
 from collections.abc import Iterable, Sequence
 import importlib.resources
@@ -12,13 +12,15 @@ from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 IMAGE = "<image>"
 THINKING_START, THINKING_END = "<thinking>", "</thinking>"
 ANSWER_START, ANSWER_END = "<answer>", "</answer>"
 # Matched as whole pieces wherever they occur in text; newline is here because SentencePiece
 # trains on lines and would otherwise only reach it through byte fallback.
 USER_SYMBOLS = (IMAGE, THINKING_START, THINKING_END, ANSWER_START, ANSWER_END, "\n")
+# SentencePiece needs an unk piece; it goes after the user symbols so <image> gets id 3.
+UNK_ID = EOS_ID + 1 + len(USER_SYMBOLS)
 MAX_VOCAB_SIZE = 1024
 MODEL_ASSET = "suite_sp.model"
 
@@ -62,7 +64,8 @@ class SentencePieceTokenizer:
     for symbol in USER_SYMBOLS:
       encoded = self._sp.encode(symbol)
       if len(encoded) != 1:
-        raise ValueError(f"SentencePiece model: {symbol!r} must be a single piece, got ids {encoded}")
+        raise ValueError(f"SentencePiece model: {symbol!r} must be a single piece, "
+                         f"got ids {encoded}")
       ids.append(encoded[0])
     (self.image_id, self.thinking_start_id, self.thinking_end_id, self.answer_start_id,
      self.answer_end_id, self.newline_id) = ids
@@ -112,7 +115,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = MAX_VOCAB_SIZE) 
 
   Deterministic for a given sequence of texts: one thread, no sentence sampling or shuffling. Texts
   are split into lines (newline is a user symbol); `vocab_size` is an upper bound (a small corpus
-  yields fewer pieces).
+  yields fewer pieces). BPE rather than unigram: on the suite's small templated corpus unigram
+  stops at a few hundred pieces and splits common words, BPE fills the vocabulary with them.
   """
   if not 0 < vocab_size <= MAX_VOCAB_SIZE:
     raise ValueError(f"vocab_size: got {vocab_size}, expected 1..{MAX_VOCAB_SIZE}")
@@ -122,7 +126,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int = MAX_VOCAB_SIZE) 
   out = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
-      model_type="unigram", character_coverage=1.0, byte_fallback=True, split_digits=True,
+      model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
       normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True, hard_vocab_limit=False,
       pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
