@@ -1,5 +1,6 @@
 """Decoder-only language model: RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP,
-tied or untied head, and a preallocated KV cache for generation.
+tied or untied head, and a preallocated KV cache for generation (optionally behind a prefix cache
+shared by groups of rows: a prompt's cache, stored once for its G samples).
 
 The decoder takes embeddings (so the VLM can splice image features in) and returns float32 logits.
 Attention masks come from slot order plus validity: a key is visible when it is a real token and
@@ -46,29 +47,42 @@ class DecoderConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values [B, S, K, H], slot validity bool[B, S] and the next write slot."""
+  """A preallocated cache: per layer keys k [B, K, H, S] (stored transposed, see
+  `layers.KVPart`) and values v [B, K, S, H], slot validity bool[B, S] and the next write slot
+  (shared by all rows).
+
+  `prefix`, when set, is a read-only cache of R rows (R divides B) that every query also attends to,
+  before its own slots: row r serves rows r·B/R … (r+1)·B/R - 1. A prompt prefilled once then
+  stays in memory once for its G samples, and each decode step reads it once per prompt.
+  """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
+  prefix: KVCache | None = None
 
   @property
   def max_length(self) -> int:
     return self.valid.shape[1]
 
 
-CACHE_KV_AXES = ("cache_batch", None, "act_kv_heads", None)
+CACHE_KV_AXES = ("cache_batch", "act_kv_heads", None, None)
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
-               sharder: Sharder = Sharder()) -> KVCache:
-  """An empty cache in the model's compute dtype, sharded (batch over data/fsdp, kv heads over tensor)."""
-  shape = (batch, max_length, config.num_kv_heads, config.head_dim)
-  zeros = lambda: sharder.constrain(jnp.zeros(shape, config.dtype), CACHE_KV_AXES)
-  return KVCache(k=tuple(zeros() for _ in range(config.num_layers)),
-                 v=tuple(zeros() for _ in range(config.num_layers)),
+               sharder: Sharder = Sharder(), prefix: KVCache | None = None) -> KVCache:
+  """An empty cache in the model's compute dtype, sharded (batch over data/fsdp, kv heads over
+  tensor), optionally behind a shared `prefix` (see `KVCache`)."""
+  if prefix is not None and batch % prefix.valid.shape[0]:
+    raise ValueError(f"init_cache: batch {batch} is not a multiple of the prefix's "
+                     f"{prefix.valid.shape[0]} rows")
+  k_shape = (batch, config.num_kv_heads, config.head_dim, max_length)
+  v_shape = (batch, config.num_kv_heads, max_length, config.head_dim)
+  zeros = lambda shape: sharder.constrain(jnp.zeros(shape, config.dtype), CACHE_KV_AXES)
+  return KVCache(k=tuple(zeros(k_shape) for _ in range(config.num_layers)),
+                 v=tuple(zeros(v_shape) for _ in range(config.num_layers)),
                  valid=sharder.constrain(jnp.zeros((batch, max_length), bool), ("cache_batch", None)),
-                 index=jnp.zeros((), jnp.int32))
+                 index=jnp.zeros((), jnp.int32), prefix=prefix)
 
 
 def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None, cache: KVCache | None,
@@ -104,20 +118,27 @@ class Attention(nnx.Module):
     self.o = layers.param(rngs, layers.fan_in_init((0, 1)), (n, h, d),
                           ("heads", "head_dim", "embed"), cfg.param_dtype)
 
-  def __call__(self, x, positions, mask, layer_cache):
+  def __call__(self, x, rope, mask, layer_cache, prefix: layers.KVPart | None = None):
+    """rope: `layers.rope_tables` of the positions; layer_cache: (k, v, write slot) of this layer
+    or None; prefix: shared keys and values attended before the layer's own."""
     cfg, shd, dt = self.cfg, self.sharder, self.cfg.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
     v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
-    q = shd.constrain(layers.apply_rope(q, positions, cfg.rope_theta),
-                      ("batch", None, "act_heads", None))
-    k = layers.apply_rope(k, positions, cfg.rope_theta)
+    q = shd.constrain(layers.apply_rope(q, rope), ("batch", None, "act_heads", None))
+    # Projections stay in [B, L, ...] form (no per-call weight transposes); moving L behind the
+    # heads is free at decode time (L = 1).
+    k = layers.apply_rope(k, rope).transpose(0, 2, 3, 1)  # [B, K, H, L]
+    v = v.transpose(0, 2, 1, 3)  # [B, K, L, H]
     if layer_cache is not None:
       k_cache, v_cache, start = layer_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, start))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
       k, v = shd.constrain(k, CACHE_KV_AXES), shd.constrain(v, CACHE_KV_AXES)
-    out = layers.attend(q, k, v, mask)
+    parts = [layers.KVPart(k, v, mask)]
+    if prefix is not None:
+      parts.insert(0, prefix)
+    out = layers.attend(q, parts)
     out = jnp.einsum("blnh,nhd->bld", out, self.o[...].astype(dt))
     return out, (k, v)
 
@@ -148,8 +169,8 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.width, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, sharder, rngs=rngs)
 
-  def __call__(self, x, positions, mask, layer_cache):
-    h, kv = self.attn(self.attn_norm(x), positions, mask, layer_cache)
+  def __call__(self, x, rope, mask, layer_cache, prefix=None):
+    h, kv = self.attn(self.attn_norm(x), rope, mask, layer_cache, prefix)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -183,13 +204,17 @@ class Decoder(nnx.Module):
                full_prefix_attention: bool = False):
     """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L, V], cache)."""
     mask, valid = attention_mask(input_mask, prefix_mask, cache, full_prefix_attention)
+    rope = layers.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    shared = None if cache is None else cache.prefix
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      prefix = None if shared is None else layers.KVPart(shared.k[i], shared.v[i],
+                                                         shared.valid[:, None, :])
       if self.cfg.remat:
-        x, (k, v) = nnx.remat(lambda blk, *a: blk(*a))(block, x, positions, mask, layer_cache)
+        x, (k, v) = nnx.remat(lambda blk, *a: blk(*a))(block, x, rope, mask, layer_cache, prefix)
       else:
-        x, (k, v) = block(x, positions, mask, layer_cache)
+        x, (k, v) = block(x, rope, mask, layer_cache, prefix)
       x = self.sharder.constrain(x, ("batch", None, None))
       new_k.append(k)
       new_v.append(v)
@@ -203,5 +228,5 @@ class Decoder(nnx.Module):
     logits = self.sharder.constrain(logits, ("batch", None, "act_vocab"))
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
-                      index=cache.index + x.shape[1])
+                      index=cache.index + x.shape[1], prefix=shared)
     return logits, cache

@@ -6,7 +6,8 @@ cast to the compute `dtype` at use; norms and softmax run in float32.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,29 +59,76 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (half-split convention). x: [B, L, N, H]; positions: int32[B, L]."""
-  half = x.shape[-1] // 2
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """sin, cos float32[B, L, 1, head_dim / 2] of the rotary angles; computed once per forward and
+  shared by every layer (recomputing them inside each layer's fusions costs more than the rotation).
+  """
+  half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, L, 1, half]
-  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  angle = positions.astype(jnp.float32)[..., None, None] * freq
+  return jnp.sin(angle), jnp.cos(angle)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding (half-split convention). x: [B, L, N, H]; rope: `rope_tables(...)`."""
+  sin, cos = rope
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Grouped-query attention.
+class KVPart(NamedTuple):
+  """Keys and values that a batch of queries attends to (see `attend`).
 
-  q: [B, L, N, H]; k, v: [B, S, K, H] with N a multiple of K; mask: bool[B, L, S] or None.
-  Returns [B, L, N, H]. Logits and softmax in float32.
+  k: [R, K, H, S], keys stored transposed so q·k is a plain [M, H] @ [H, S] matmul per head
+  (a decode step reads them without a transpose); v: [R, K, S, H]; mask: bool[R, L or 1, S] or
+  None. R divides the query batch B: part row r serves the B/R consecutive query rows
+  r·B/R … (r+1)·B/R - 1, so a prompt's keys can be stored once for all of its samples.
+  """
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array | None
+
+
+def attend(q: jax.Array, parts: Sequence[KVPart]) -> jax.Array:
+  """Grouped-query attention with one softmax over the keys of all `parts`.
+
+  q: [B, L, N, H] with N a multiple of the parts' K kv heads. Returns [B, L, N, H]. Logits and
+  softmax statistics are float32; the softmax is normalised after the value product.
   """
   b, l, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, l, kv, n // kv, h)
-  logits = jnp.einsum("blkgh,bskh->bkgls", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (h ** -0.5)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskh->blkgh", probs, v)
-  return out.reshape(b, l, n, h)
+  batch = ((0, 1), (0, 1))
+
+  # Per-part arrays are [R, K, rep, g, L, ...] (rep = B/R query rows per part row, g query heads
+  # per kv head); softmax statistics meet across parts in the query layout [B, L, K, g, ...].
+  def to_rows(x):
+    x = x.transpose((0, 2, 4, 1, 3) + tuple(range(5, x.ndim)))
+    return x.reshape((b,) + x.shape[2:])
+
+  def from_rows(x, r):
+    x = x.reshape((r, b // r) + x.shape[1:])
+    return x.transpose((0, 3, 1, 4, 2) + tuple(range(5, x.ndim)))
+
+  scores = []
+  for part in parts:
+    r, kv, _, s = part.k.shape
+    g = n // kv
+    # Queries of the B/R rows that share a part row become extra rows of one matmul.
+    qp = from_rows(q.reshape(b, l, kv, g, h), r).reshape(r, kv, -1, h)
+    logits = jax.lax.dot_general(qp, part.k, (((3,), (2,)), batch),
+                                 preferred_element_type=jnp.float32)
+    logits = logits.reshape(r, kv, b // r, g, l, s) * (h ** -0.5)
+    if part.mask is not None:
+      logits = jnp.where(part.mask[:, None, None, None], logits, jnp.finfo(jnp.float32).min)
+    scores.append(logits)
+  # Masked logits hold finfo.min (not -inf): a query with no visible key averages uniformly
+  # instead of producing NaN.
+  top = functools.reduce(jnp.maximum, [to_rows(jnp.max(x, axis=-1)) for x in scores])
+  out, total = 0.0, 0.0
+  for part, logits in zip(parts, scores):
+    r, kv, _, s = part.k.shape
+    e = jnp.exp(logits - from_rows(top, r)[..., None])
+    total = total + to_rows(jnp.sum(e, axis=-1))
+    pv = jax.lax.dot_general(e.astype(part.v.dtype).reshape(r, kv, -1, s), part.v,
+                             (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    out = out + to_rows(pv.reshape(r, kv, b // r, n // kv, l, h))
+  return (out / total[..., None]).reshape(b, l, n, h).astype(q.dtype)

@@ -60,8 +60,11 @@ class ViTBlock(nnx.Module):
 
   def __call__(self, x):
     dt = self.cfg.dtype
-    q, k, v = jnp.einsum("bpd,tdnh->tbpnh", self.norm1(x), self.qkv[...].astype(dt))
-    out = layers.attend(q, k, v, None)
+    x_norm, qkv = self.norm1(x), self.qkv[...].astype(dt)
+    q = jnp.einsum("bpd,dnh->bpnh", x_norm, qkv[0])
+    k = jnp.einsum("bpd,dnh->bpnh", x_norm, qkv[1]).transpose(0, 2, 3, 1)  # [B, N, H, P]
+    v = jnp.einsum("bpd,dnh->bpnh", x_norm, qkv[2]).transpose(0, 2, 1, 3)  # [B, N, P, H]
+    out = layers.attend(q, [layers.KVPart(k, v, None)])
     x = x + jnp.einsum("bpnh,nhd->bpd", out, self.o[...].astype(dt))
     h = jax.nn.gelu(self.norm2(x) @ self.fc1[...].astype(dt) + self.b1[...].astype(dt))
     h = self.sharder.constrain(h, ("batch", None, "act_mlp"))

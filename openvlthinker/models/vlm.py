@@ -114,7 +114,8 @@ class VLM(nnx.Module):
     return self.decoder(x, positions, input_mask, prefix_mask, cache,
                         full_prefix_attention=self.cfg.prefix_full_attention)
 
-  def init_cache(self, batch: int, max_length: int) -> KVCache:
-    return init_cache(self.cfg.text, batch, max_length, self.sharder)
+  def init_cache(self, batch: int, max_length: int, prefix: KVCache | None = None) -> KVCache:
+    """An empty decoder cache of `max_length` slots, optionally behind a shared `prefix`."""
+    return init_cache(self.cfg.text, batch, max_length, self.sharder, prefix)
 
   forward = __call__

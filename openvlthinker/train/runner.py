@@ -1,42 +1,75 @@
-"""Dispatches a validated config to the requested stage."""
+"""Dispatches a validated config to its stages and writes the run's final report.
+
+Stages: `sft` (cold start), `rl` (G²RPO from the SFT checkpoint when there is one), `all` (both),
+`eval` (the held-out evaluation of the newest parameters), `forward` (a smoke test). Each stage
+resumes from its own checkpoints in the workdir, so rerunning a command continues where it stopped.
+"""
 from __future__ import annotations
 
-import time
+import json
+import os
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from openvlthinker import sharding
-from openvlthinker.models.build import build_model, vlm_config
-
-
-def make_sharder(config) -> sharding.Sharder:
-  mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
-  return sharding.Sharder(mesh, tuple((k, v) for k, v in config.sharding_rules))
+from openvlthinker import evaluate, plots
+from openvlthinker.metrics import MetricsWriter
+from openvlthinker.train import loop, sft
+from openvlthinker.train.context import build_context
 
 
-def forward_smoke(config) -> dict:
-  """Builds the model and runs one jitted forward over a random image+text batch."""
-  shd = make_sharder(config)
-  model = build_model(vlm_config(config.model), shd, seed=config.seed)
-  cfg = model.cfg
-  b, n_img = 2, 1
-  t = cfg.num_image_tokens
-  tokens = np.concatenate([np.full((b, t), cfg.image_token_id), np.ones((b, 16))], 1).astype(np.int32)
-  positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape).astype(np.int32)
-  size = cfg.vision.image_size
-  images = np.random.default_rng(0).integers(0, 255, (b, n_img, size, size, 3), dtype=np.uint8)
-  fwd = jax.jit(lambda m, *a: m(*a)[0])
-  start = time.perf_counter()
-  logits = jax.block_until_ready(fwd(model, tokens, positions, images))
-  return dict(logits_shape=logits.shape, finite=bool(jnp.isfinite(logits).all()),
-              seconds=time.perf_counter() - start, devices=jax.device_count())
+def _sft_params_or_initial(ctx, writer, mode: str):
+  if mode in ("sft", "all"):
+    return sft.run_sft(ctx, writer)
+  # `rl` / `eval` alone start from the finished SFT stage when the workdir has one.
+  ckpts = loop.StageCheckpoints(ctx.workdir, "sft", ctx.config.checkpoint.keep)
+  if ckpts.latest_step() is None:
+    return ctx.initial_params
+  return sft.run_sft(ctx, writer)  # Finished: restores and returns without training.
+
+
+def report(workdir: str, evals: dict) -> str:
+  table = evaluate.format_table(evals, "overall")
+  accuracy = evaluate.format_table(evals, "accuracy")
+  before, after = evals["before_rl"]["overall"], evals["after_rl"]["overall"]
+  improved = int(np.sum(after > before + 1e-9))
+  present = int(np.sum(np.isfinite(before)))
+  text = (f"Held-out overall reward per task (greedy decoding):\n\n{table}\n\n"
+          f"Held-out accuracy per task:\n\n{accuracy}\n\n"
+          f"RL raised the held-out overall reward on {improved} of {present} task types.\n")
+  with open(os.path.join(workdir, "eval_table.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
+    json.dump({name: {k: np.asarray(v).tolist() for k, v in res.items()}
+               for name, res in evals.items()} | {"improved_tasks": improved}, f, indent=1)
+  return text
 
 
 def run(config, workdir: str, mode: str):
   if mode == "forward":
+    from openvlthinker.train.smoke import forward_smoke
     print(forward_smoke(config))
     return
-  raise SystemExit(f"--mode={mode}: the trainer is not built yet; use --mode=forward")
+  os.makedirs(workdir, exist_ok=True)
+  ctx = build_context(config, workdir)
+  writer = MetricsWriter(workdir)
+  try:
+    params = _sft_params_or_initial(ctx, writer, mode)
+    if mode == "sft":
+      return
+    from openvlthinker.train.rl_stage import RLStage, eval_metrics
+    stage = RLStage(ctx, writer)
+    if mode == "eval":
+      results = stage.evaluator(params, jax.random.key(0))
+      print(evaluate.format_table({"eval": results}, "overall"))
+      return
+    _, evals = stage.run(params)
+    print(report(workdir, evals))
+    for path in plots.write_plots(workdir, evals):
+      print(f"wrote {path}")
+  except loop.Preempted as e:
+    print(str(e) + "; rerun the same command to resume", file=sys.stderr)
+    sys.exit(0)
+  finally:
+    writer.close()

@@ -1,0 +1,75 @@
+"""Per-task evaluation on the fixed held-out split with greedy decoding.
+
+The held-out examples are the first `num_per_task` records of each task's `eval` split (disjoint
+from training by construction), so every evaluation of every run sees the same problems. Reports per
+task: accuracy, overall reward, format rate, mean response length, unparsable rate.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from openvlthinker import taxonomy
+from openvlthinker.data import pipeline
+from openvlthinker.data.sources import SuiteTaskSource
+from openvlthinker.sampler import Sampler, SamplerConfig
+from openvlthinker.train import scoring
+
+METRICS = ("accuracy", "overall", "format", "length", "unparsable")
+
+
+class Evaluator:
+  """Greedy decoding over a fixed held-out set; `__call__(params) -> {metric: float[num_tasks]}`."""
+
+  def __init__(self, graphdef, data_config: pipeline.DataConfig, tokenizer, *, num_per_task: int,
+               batch_size: int, max_new_tokens: int, sharder, tasks: Sequence[str] | None = None):
+    tasks = tuple(tasks or taxonomy.TASK_TYPES)
+    featurize = pipeline.RlFeatures(data_config, tokenizer)
+    items = []
+    for task in tasks:
+      source = SuiteTaskSource(task, "eval", (data_config.difficulty or {}).get(task, 0),
+                               data_config.image_size)
+      items.extend(featurize(source[i]) for i in range(num_per_task))
+    if any(isinstance(it, pipeline.Dropped) for it in items):
+      dropped = [it.uid for it in items if isinstance(it, pipeline.Dropped)]
+      raise ValueError(f"eval: held-out examples {dropped[:3]} do not fit data.prompt_buckets="
+                       f"{data_config.prompt_buckets}")
+    self.batches = [pipeline.collate_rl(items[i:i + batch_size], 0, data_config.prompt_buckets)
+                    for i in range(0, len(items), batch_size)]
+    self.tokenizer = tokenizer
+    self.sampler = Sampler(graphdef, SamplerConfig(
+        max_new_tokens=max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,),
+        prompt_buckets=tuple(data_config.prompt_buckets), pad_id=tokenizer.pad_id), sharder)
+
+  def __call__(self, params, rng) -> dict[str, np.ndarray]:
+    parts = {k: [] for k in METRICS}
+    task_ids = []
+    for batch in self.batches:
+      out = self.sampler(params, batch["prompt_tokens"], batch["prompt_mask"], batch["images"],
+                         rng, group_size=1)
+      lengths = np.asarray(out.lengths)
+      texts = scoring.decode_responses(self.tokenizer, np.asarray(out.tokens), lengths)
+      scores = scoring.score_rows(texts, batch, np.arange(len(texts)))
+      for k in ("accuracy", "overall", "format", "unparsable"):
+        parts[k].append(scores[k])
+      parts["length"].append(lengths)
+      task_ids.append(batch["task_ids"])
+    task_ids = np.concatenate(task_ids)
+    values = {k: np.concatenate(v).astype(np.float64) for k, v in parts.items()}
+    return scoring.per_task_means(values, task_ids, taxonomy.NUM_TASKS)
+
+
+def format_table(results: dict[str, dict[str, np.ndarray]], metric: str = "overall") -> str:
+  """Markdown table: one row per task, one column per named evaluation (e.g. sft, rl)."""
+  names = list(results)
+  lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for t, task in enumerate(taxonomy.TASK_TYPES):
+    cells = [results[n][metric][t] for n in names]
+    if all(np.isnan(c) for c in cells):
+      continue
+    lines.append(f"| {task} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+  means = [np.nanmean(results[n][metric]) for n in names]
+  lines.append("| **mean** | " + " | ".join(f"**{m:.3f}**" for m in means) + " |")
+  return "\n".join(lines)

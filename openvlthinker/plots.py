@@ -1,0 +1,63 @@
+"""PNG plots of a finished run from its metrics.jsonl: per-task RL curves and evaluation bars."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from openvlthinker import taxonomy  # noqa: E402
+from openvlthinker.metrics import read_jsonl  # noqa: E402
+
+
+def _series(records, stage, key):
+  pts = [(r["step"], r[key]) for r in records if r.get("stage") == stage and r.get(key) is not None]
+  return np.asarray(pts, np.float64).reshape(-1, 2)
+
+
+def plot_rl_curves(records, path: str) -> None:
+  """Per-task reward, length and entropy over RL steps, one panel each."""
+  panels = (("reward", "reward (overall)"), ("length", "response length (tokens)"),
+            ("entropy", "token entropy (nats)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+  for ax, (prefix, title) in zip(axes, panels):
+    for task in taxonomy.TASK_TYPES:
+      pts = _series(records, "rl", f"{prefix}/{task}")
+      if len(pts):
+        ax.plot(pts[:, 0], pts[:, 1], label=task, lw=1.2)
+    ax.set_title(title)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_eval_bars(evals: dict[str, dict[str, np.ndarray]], path: str,
+                   metric: str = "overall") -> None:
+  """Held-out `metric` per task for each named evaluation (e.g. before and after RL)."""
+  names = list(evals)
+  x = np.arange(taxonomy.NUM_TASKS)
+  width = 0.8 / max(len(names), 1)
+  fig, ax = plt.subplots(figsize=(9, 3.6))
+  for i, name in enumerate(names):
+    ax.bar(x + i * width, np.nan_to_num(evals[name][metric]), width, label=name)
+  ax.set_xticks(x + width * (len(names) - 1) / 2, taxonomy.TASK_TYPES, rotation=15, fontsize=8)
+  ax.set_ylabel(f"held-out {metric} reward")
+  ax.legend()
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_plots(workdir: str, evals: dict[str, dict[str, np.ndarray]]) -> list[str]:
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  paths = [os.path.join(workdir, "rl_curves.png"), os.path.join(workdir, "eval_per_task.png")]
+  plot_rl_curves(records, paths[0])
+  plot_eval_bars(evals, paths[1])
+  return paths

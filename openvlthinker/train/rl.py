@@ -1,0 +1,112 @@
+"""The G²RPO update: recompute log-probs under the current policy, dual-clip PPO loss, entropy
+shaping, exact gradient accumulation over micro-batches, one optimizer step per minibatch.
+
+A minibatch holds whole prompt groups. Its loss is Σ numerator / D plus λ·L_ent: the denominator D
+depends only on the response masks, so it is computed for the whole minibatch before the
+micro-batch scan, and the accumulated gradient equals the full-minibatch gradient exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from openvlthinker import sampler as sampler_lib
+from openvlthinker.rl import losses, shaping
+from openvlthinker.train.state import TrainState, apply_gradients
+
+# Arrays of a minibatch the update reads (leading axis: rows).
+UPDATE_KEYS = ("sequence_tokens", "sequence_positions", "sequence_mask", "prefix_mask", "tokens",
+               "old_logprobs", "response_mask", "images", "task_ids", "advantages", "ref_logprobs")
+
+
+class _Responses(NamedTuple):
+  """What `sampler.response_logprobs` reads of a SamplerOutput."""
+  tokens: jax.Array
+  response_mask: jax.Array
+  response_start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyShaping:
+  """λ and per-task bounds float[T] of REFERENCE §5; estimator 'exact' or 'sampled_token'."""
+  coef: float
+  h_min: tuple[float, ...]
+  h_max: tuple[float, ...]
+  estimator: str = "exact"
+
+
+def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
+                    response_start: int, sampler_config) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced log-probs and exact entropies float32[b, Lr] of the sampled responses."""
+  model = nnx.merge(graphdef, params)
+  logits, _ = model(mb["sequence_tokens"], mb["sequence_positions"], mb["images"],
+                    input_mask=mb["sequence_mask"], prefix_mask=mb["prefix_mask"])
+  responses = _Responses(mb["tokens"], mb["response_mask"], response_start)
+  return sampler_lib.response_logprobs(logits, responses, sampler_config)
+
+
+def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, response_start: int,
+                sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
+                entropy: EntropyShaping | None, nan_at_step: int = -1):
+  """(TrainState, minibatch) → (TrainState, metrics), jitted with the state donated.
+
+  `nan_at_step` is a test hook: the loss of that optimizer step is multiplied by NaN, so the
+  non-finite-gradient skip can be exercised end to end.
+  """
+
+  def micro_loss(params, mb, denominator):
+    logp, exact_entropy = policy_logprobs(params, graphdef, mb, response_start, sampler_config)
+    mask = mb["response_mask"]
+    ref = mb.get("ref_logprobs") if loss_config.kl_coef > 0 else None
+    pl = losses.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, loss_config,
+                            ref_logp=ref, task_ids=mb["task_ids"])
+    loss = pl.numerator / jnp.maximum(denominator, 1e-30)
+    metrics = dict(pl.metrics)
+    if entropy is not None:
+      token_entropy = (exact_entropy if entropy.estimator == "exact"
+                       else shaping.sampled_token_entropy(logp))
+      ent_loss, _, _ = shaping.entropy_penalty(token_entropy, mask, mb["task_ids"],
+                                               jnp.asarray(entropy.h_min),
+                                               jnp.asarray(entropy.h_max))
+      loss = loss + entropy.coef * ent_loss / num_micro
+      metrics["entropy_loss_sum"] = ent_loss
+    return loss, (pl.numerator, metrics)
+
+  def update(state: TrainState, mb: dict[str, jax.Array]):
+    # Denominator of the whole minibatch from its masks alone (no forward needed).
+    zeros = jnp.zeros(mb["old_logprobs"].shape, jnp.float32)
+    denominator = losses.policy_loss(zeros, zeros, zeros[:, 0], mb["response_mask"],
+                                     dataclasses.replace(loss_config, kl_coef=0.0)).denominator
+    micro = jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]),
+                         mb)
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def body(carry, m):
+      grads, numerator, metrics = carry
+      g, (num, met) = grad_fn(state.params, m, denominator)
+      return (jax.tree.map(jnp.add, grads, g), numerator + num,
+              losses.accumulate_metrics(metrics, met)), None
+
+    # Start from the identity of each reduction, so the gradient is traced once (in the scan).
+    met_shapes = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
+                                                denominator)[1][1])
+    identity = lambda k, s: jnp.full(s.shape, jnp.inf if k.endswith("_min") else
+                                     -jnp.inf if k.endswith("_max") else 0.0, s.dtype)
+    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+            {k: identity(k, s) for k, s in met_shapes.items()})
+    (grads, numerator, metrics), _ = jax.lax.scan(body, init, micro)
+    poison = jnp.where(state.step == nan_at_step, jnp.nan, 1.0)
+    grads = jax.tree.map(lambda g: g * poison, grads)
+    state, update_metrics = apply_gradients(state, grads, tx)
+    out = losses.finalize_metrics(metrics)
+    out["policy_loss"] = losses.loss_value(numerator, denominator) * poison
+    if "entropy_loss_sum" in metrics:
+      out["entropy_loss"] = metrics["entropy_loss_sum"] / num_micro
+    return state, {**out, **update_metrics}
+
+  return jax.jit(update, donate_argnums=0)
