@@ -15,8 +15,9 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
+# A persistent compilation cache makes a rerun (or a resumed run) skip XLA compiles.
 demo: $(STAMP)
-	$(BIN)/python -m openvlthinker.main --config=configs/default.py --workdir=$(WORKDIR)
+	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(BIN)/python -m openvlthinker.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,6 +27,8 @@ def _fail(message: str):
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO.
+    logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     _fail("--config: expected a config file such as configs/default.py")
   if _WORKDIR.value is None:

@@ -57,7 +57,7 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state)
       except Exception as e:  # A damaged step may fail anywhere in orbax/tensorstore.
         path = os.path.join(self.directory, str(step))
-        logging.warning("checkpoint %s is unreadable (%s: %s); trying an earlier one", path,
+        logging.warning("checkpoint %s is unreadable (%s: %.300s); trying an earlier one", path,
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         print(f"warning: checkpoint {path} is unreadable ({type(e).__name__}); "
               "falling back to an earlier one", flush=True)

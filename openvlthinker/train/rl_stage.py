@@ -30,6 +30,22 @@ from openvlthinker.train.state import create_train_state, make_optimizer
 T = taxonomy.TASK_TYPES
 
 
+RESPONSE_BUCKET = 16
+
+
+def trim_responses(a: dict[str, np.ndarray], response_start: int, bucket: int):
+  """Drops response columns past the longest response (rounded up to `bucket` columns, so few
+  shapes compile): the teacher-forced update then skips the padding the sampler reserved."""
+  width = a["tokens"].shape[1]
+  keep = min(width, -(-max(int(a["lengths"].max()), 1) // bucket) * bucket)
+  out = dict(a)
+  for k in ("tokens", "old_logprobs", "entropies", "response_mask"):
+    out[k] = a[k][:, :keep]
+  for k in ("sequence_tokens", "sequence_positions", "sequence_mask", "prefix_mask"):
+    out[k] = a[k][:, :response_start + keep]
+  return out
+
+
 def _per_task_metrics(prefix: str, values: np.ndarray) -> dict[str, float]:
   return {f"{prefix}/{task}": float(v) for task, v in zip(T, values) if np.isfinite(v)}
 
@@ -144,6 +160,7 @@ class RLStage:
 
     # Updates: whole groups per minibatch; invalid rows carry no response tokens in the loss.
     a = dict(a, advantages=adv, response_mask=a["response_mask"] & ro.valid[:, None])
+    a = trim_responses(a, ro.response_start, RESPONSE_BUCKET)
     state = state.replace(extra=extra)
     update = self._update_fn(ro.response_start)
     update_metrics = []

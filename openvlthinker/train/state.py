@@ -64,7 +64,8 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
   state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
                         opt_state=keep(new_opt, state.opt_state),
                         skipped=state.skipped + (~finite).astype(jnp.int32))
-  return state, {"grad_norm": grad_norm, "skipped_step": (~finite).astype(jnp.float32)}
+  return state, {"grad_norm": grad_norm, "skipped_step": (~finite).astype(jnp.float32),
+                 "param_norm": optax.global_norm(state.params)}
 
 
 def param_state(model: nnx.Module) -> tuple[nnx.GraphDef, Any]:
