@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       group_size=8,              # ... × G responses each.
       updates_per_rollout=1,     # optimizer minibatches per rollout (REFERENCE: 4).
       micro_batch_size=32,       # rows per gradient-accumulation micro-batch.
+      share_prompt_forward=True,  # run each prompt once per group in the update (exact).
       learning_rate=2e-5, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0,
       advantage="g2rpo",         # any name in rl.advantages' registry.
       advantage_task_key="task_type",  # 'task_type' or 'problem_type' (the public code's key).
@@ -192,6 +193,9 @@ def _sft_rl(c):
   _check(rows % r.micro_batch_size == 0, "rl.micro_batch_size",
          f"a divisor of the minibatch rows ({rows} = prompts_per_step * group_size / "
          "updates_per_rollout)", r.micro_batch_size)
+  _check(not r.share_prompt_forward or r.micro_batch_size % r.group_size == 0,
+         "rl.micro_batch_size", f"a multiple of rl.group_size={r.group_size} (whole groups) when "
+         "rl.share_prompt_forward is on", r.micro_batch_size)
   from openvlthinker.rl import advantages, losses, shaping  # Registries (pure jnp).
   _choice(c, "rl.advantage", advantages.advantage_estimators())
   _choice(c, "rl.policy_loss", losses.policy_losses())

@@ -41,26 +41,54 @@ class EntropyShaping:
 
 
 def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
-                    response_start: int, sampler_config) -> tuple[jax.Array, jax.Array]:
-  """Teacher-forced log-probs and exact entropies float32[b, Lr] of the sampled responses."""
+                    response_start: int, sampler_config, group_size: int = 1
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced log-probs and exact entropies float32[b, Lr] of the sampled responses.
+
+  With group_size G > 1 the rows come in groups of G responses to one prompt (prompt-major), and
+  each prompt is run once: its KV cache, computed with gradient, is repeated to its G responses,
+  which are then run over it. The result, and its gradient, equal the per-row forward over
+  prompt + response, at about (Lb/G + Lr)/(Lb + Lr) of its cost.
+  """
   model = nnx.merge(graphdef, params)
-  logits, _ = model(mb["sequence_tokens"], mb["sequence_positions"], mb["images"],
-                    input_mask=mb["sequence_mask"], prefix_mask=mb["prefix_mask"])
+  images = mb.get("images")
   responses = _Responses(mb["tokens"], mb["response_mask"], response_start)
+  if group_size == 1:
+    logits, _ = model(mb["sequence_tokens"], mb["sequence_positions"], images,
+                      input_mask=mb["sequence_mask"], prefix_mask=mb["prefix_mask"],
+                      logits_from=response_start - 1)
+    return sampler_lib.response_logprobs(logits, responses, sampler_config)
+  g, lb = group_size, response_start
+  prompt = lambda x: x[::g, :lb]
+  lr = mb["tokens"].shape[1]
+  cache = model.init_cache(mb["tokens"].shape[0] // g, lb + lr)
+  prompt_logits, cache = model(prompt(mb["sequence_tokens"]), prompt(mb["sequence_positions"]),
+                               None if images is None else images[::g], cache,
+                               input_mask=prompt(mb["sequence_mask"]),
+                               prefix_mask=prompt(mb["prefix_mask"]), logits_from=lb - 1)
+  cache = cache.replace(k=tuple(jnp.repeat(x, g, axis=0) for x in cache.k),
+                        v=tuple(jnp.repeat(x, g, axis=0) for x in cache.v),
+                        valid=jnp.repeat(cache.valid, g, axis=0))
+  response_logits, _ = model(mb["sequence_tokens"][:, lb:], mb["sequence_positions"][:, lb:],
+                             None, cache, input_mask=mb["sequence_mask"][:, lb:])
+  # Columns lb - 1 … lb + Lr - 1 of the sequence: the prompt's last column predicts token 0.
+  logits = jnp.concatenate([jnp.repeat(prompt_logits, g, axis=0), response_logits], axis=1)
   return sampler_lib.response_logprobs(logits, responses, sampler_config)
 
 
 def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, response_start: int,
                 sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
-                entropy: EntropyShaping | None, nan_at_step: int = -1):
+                entropy: EntropyShaping | None, nan_at_step: int = -1, group_size: int = 1):
   """(TrainState, minibatch) → (TrainState, metrics), jitted with the state donated.
 
   `nan_at_step` is a test hook: the loss of that optimizer step is multiplied by NaN, so the
-  non-finite-gradient skip can be exercised end to end.
+  non-finite-gradient skip can be exercised end to end. `group_size` > 1 shares each prompt's
+  forward among its responses (`policy_logprobs`); micro-batches must then hold whole groups.
   """
 
   def micro_loss(params, mb, denominator):
-    logp, exact_entropy = policy_logprobs(params, graphdef, mb, response_start, sampler_config)
+    logp, exact_entropy = policy_logprobs(params, graphdef, mb, response_start, sampler_config,
+                                          group_size)
     mask = mb["response_mask"]
     ref = mb.get("ref_logprobs") if loss_config.kl_coef > 0 else None
     pl = losses.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, loss_config,

@@ -87,14 +87,22 @@ class RLStage:
         max_length=r.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count,
         prior=tuple(tuple(float(v) for v in row) for row in self.static_thresholds))
     self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
-    self.evaluator = Evaluator(ctx.graphdef, ctx.data_config(c.eval.batch_size, "eval"), tok,
-                               num_per_task=c.eval.num_per_task, batch_size=c.eval.batch_size,
-                               max_new_tokens=c.eval.max_new_tokens, sharder=ctx.sharder)
+    self._evaluator = None
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
     self._updates: dict[int, Any] = {}
     self._ref_logprobs = None
 
   # ------------------------------------------------------------------------------- pieces
+
+  @property
+  def evaluator(self) -> Evaluator:
+    if self._evaluator is None:  # Built on first use: renders and tokenises the held-out set.
+      c = self.c
+      self._evaluator = Evaluator(
+          self.ctx.graphdef, self.ctx.data_config(c.eval.batch_size, "eval"), self.ctx.tokenizer,
+          num_per_task=c.eval.num_per_task, batch_size=c.eval.batch_size,
+          max_new_tokens=c.eval.max_new_tokens, sharder=self.ctx.sharder)
+    return self._evaluator
 
   def _update_fn(self, response_start: int):
     if response_start not in self._updates:  # One compile per prompt bucket.
@@ -102,7 +110,8 @@ class RLStage:
           self.ctx.graphdef, self.tx, response_start=response_start,
           sampler_config=self.sampler_config, loss_config=self.loss_config,
           num_micro=self.rows // self.c.rl.micro_batch_size, entropy=self.entropy,
-          nan_at_step=self.c.debug.nan_loss_at_rl_step)
+          nan_at_step=self.c.debug.nan_loss_at_rl_step,
+          group_size=self.c.rl.group_size if self.c.rl.share_prompt_forward else 1)
     return self._updates[response_start]
 
   def _reference_logprobs(self, ref_params, mb: dict, response_start: int):
@@ -131,7 +140,8 @@ class RLStage:
     ro = rollout_lib.collect(self.sampler, state.params, data_iter, self.ctx.tokenizer, rng,
                              prompts=r.prompts_per_step, group_size=r.group_size,
                              filter_groups=r.filter.enabled, low=r.filter.low,
-                             high=r.filter.high, max_tries=r.filter.max_tries)
+                             high=r.filter.high, max_tries=r.filter.max_tries,
+                             use_images=self.ctx.model_config.vision is not None)
     a = ro.arrays
     b = len(ro.valid)
     lengths, task_ids = a["lengths"], a["task_ids"]

@@ -43,10 +43,11 @@ def _left_pad(x: np.ndarray, width: int, value) -> np.ndarray:
 
 
 def _sample_once(sampler: Sampler, params, batch: dict, rng, group_size: int, tokenizer,
-                 timings: dict[str, float]):
+                 timings: dict[str, float], use_images: bool):
   start = time.perf_counter()
-  out = jax.device_get(sampler(params, batch["prompt_tokens"], batch["prompt_mask"],
-                               batch["images"], rng, group_size=group_size))
+  images = batch["images"] if use_images else None
+  out = jax.device_get(sampler(params, batch["prompt_tokens"], batch["prompt_mask"], images, rng,
+                               group_size=group_size))
   timings["sampling_s"] += time.perf_counter() - start
   timings["generated_tokens"] += int(np.asarray(out.lengths).sum())
   start = time.perf_counter()
@@ -61,16 +62,17 @@ def _sample_once(sampler: Sampler, params, batch: dict, rng, group_size: int, to
       "prefix_mask": np.asarray(out.prefix_mask),
       "tokens": np.asarray(out.tokens), "old_logprobs": np.asarray(out.logprobs),
       "entropies": np.asarray(out.entropies), "response_mask": np.asarray(out.response_mask),
-      "lengths": np.asarray(out.lengths), "images": np.asarray(batch["images"])[pidx],
-      "task_ids": np.asarray(batch["task_ids"])[pidx],
+      "lengths": np.asarray(out.lengths), "task_ids": np.asarray(batch["task_ids"])[pidx],
   }
+  if use_images:
+    arrays["images"] = np.asarray(batch["images"])[pidx]
   host = {k: np.asarray(batch[k])[pidx] for k in HOST_KEYS}
   return arrays, scores, texts, host, out.response_start
 
 
 def collect(sampler: Sampler, params, data_iter: Iterator[dict], tokenizer, rng, *,
             prompts: int, group_size: int, filter_groups: bool, low: float, high: float,
-            max_tries: int) -> Rollout:
+            max_tries: int, use_images: bool = True) -> Rollout:
   """Samples and scores until `prompts` groups pass the filter (or `max_tries` batches are used)."""
   g = group_size
   kept: list[tuple] = []       # (arrays, scores, texts, host, response_start, row indices)
@@ -83,7 +85,7 @@ def collect(sampler: Sampler, params, data_iter: Iterator[dict], tokenizer, rng,
     batch = next(data_iter)
     dropped_records += int(batch.get("num_dropped", 0))
     arrays, scores, texts, host, start = _sample_once(
-        sampler, params, batch, jax.random.fold_in(rng, tries), g, tokenizer, timings)
+        sampler, params, batch, jax.random.fold_in(rng, tries), g, tokenizer, timings, use_images)
     tries += 1
     p = len(batch["prompt_tokens"])
     sampled_groups += p
