@@ -121,7 +121,7 @@ class Attention(nnx.Module):
   def __call__(self, x, rope, mask, layer_cache, prefix: layers.KVPart | None = None):
     """rope: `layers.rope_tables` of the positions; layer_cache: (k, v, write slot) of this layer
     or None; prefix: shared keys and values attended before the layer's own."""
-    cfg, shd, dt = self.cfg, self.sharder, self.cfg.dtype
+    shd, dt = self.sharder, self.cfg.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
     v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
@@ -201,8 +201,9 @@ class Decoder(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, input_mask: jax.Array,
                prefix_mask: jax.Array | None = None, cache: KVCache | None = None,
-               full_prefix_attention: bool = False):
-    """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L, V], cache)."""
+               full_prefix_attention: bool = False, logits_from: int = 0):
+    """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L - logits_from, V],
+    cache): logits from column `logits_from` (static) on."""
     mask, valid = attention_mask(input_mask, prefix_mask, cache, full_prefix_attention)
     rope = layers.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
     shared = None if cache is None else cache.prefix
@@ -218,7 +219,8 @@ class Decoder(nnx.Module):
       x = self.sharder.constrain(x, ("batch", None, None))
       new_k.append(k)
       new_v.append(v)
-    x = self.final_norm(x)
+    # Columns before `logits_from` skip the head (the sampler's prefill needs one column).
+    x = self.final_norm(x[:, logits_from:])
     if self.cfg.tie_embeddings:
       logits = jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
@@ -228,5 +230,5 @@ class Decoder(nnx.Module):
     logits = self.sharder.constrain(logits, ("batch", None, "act_vocab"))
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
-                      index=cache.index + x.shape[1], prefix=shared)
+                      index=cache.index + input_mask.shape[1], prefix=shared)
     return logits, cache

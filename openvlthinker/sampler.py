@@ -1,0 +1,302 @@
+"""On-device generation: one jitted call prefills prompts + images and decodes in a
+`lax.while_loop` over a preallocated, sharded KV cache, returning what the trainer needs.
+
+Layout. Prompts arrive right-padded; the sampler right-aligns them in the smallest bucket of Lb
+slots that fits (left padding, masked), so every response starts at slot Lb and all rows write the
+cache at the same slot. Positions count real tokens only (the first real token is position 0), so
+a prompt's result does not depend on how much padding its batch needed. One compile per
+(P, G, Lb, image shape, config).
+
+Rows. B = P·G rows, prompt-major: row b = p·G + g is sample g of prompt p (`out.prompt_index`).
+Row b draws step t with the key fold_in(fold_in(fold_in(rng, prompt_ids[p]), g), t): its tokens
+depend on (rng, prompt id, g) and on nothing else in the batch.
+
+Cache. Each prompt is prefilled once (P rows); that cache is the read-only shared prefix of a
+[B, Lr - 1]-slot cache for the responses (`KVCache.prefix`), so a decode step reads a prompt's keys
+once for its G samples. Both live inside the jitted call, in the model's dtype, sharded by the
+`cache_batch` / `act_kv_heads` rules; the loop updates the response cache in place (the compiled
+loop holds no copy of it; tests check the HLO), so there is nothing to donate across the call.
+
+Decode. The loop stops when every row has drawn a stop token or after Lr tokens. Filters run only
+when configured (see `sampling`); log-prob and entropy come from one log-softmax per step.
+
+The trainer recomputes log-probs with one teacher-forced forward over the returned sequences:
+  logits, _ = model(out.sequence_tokens, out.sequence_positions, images[out.prompt_index],
+                    input_mask=out.sequence_mask, prefix_mask=out.prefix_mask,
+                    logits_from=out.response_start - 1)   # or 0: all columns
+  logprobs, entropies = response_logprobs(logits, out, config)   # = out.logprobs, out.entropies
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from openvlthinker import sampling
+from openvlthinker.models.decoder import KVCache
+from openvlthinker.sharding import Sharder, batch_sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Static generation settings (hashable: a change recompiles).
+
+  temperature > 0 scales logits; top_k = 0 and top_p = 1 switch those filters off; greedy takes the
+  mode of the (filtered, tempered) distribution, whose log-probs and entropies are still reported.
+  stop_tokens end a row (the stop token is part of the response); banned_tokens get probability 0.
+  A batch's prompts are right-aligned in the smallest of `prompt_buckets` that holds the longest.
+  """
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_tokens: tuple[int, ...] = (2,)
+  banned_tokens: tuple[int, ...] = ()
+  prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+  pad_id: int = 0
+
+  def __post_init__(self):
+    def check(ok, field, expected):
+      if not ok:
+        raise ValueError(f"sampler.{field}: expected {expected}, got {getattr(self, field)!r}")
+    check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens",
+          "a positive integer")
+    check(self.temperature > 0, "temperature", "a positive number (use greedy=True for argmax)")
+    check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)")
+    check(0 < self.top_p <= 1, "top_p", "a number in (0, 1] (1 = off)")
+    for field in ("stop_tokens", "banned_tokens", "prompt_buckets"):
+      object.__setattr__(self, field, tuple(int(x) for x in getattr(self, field)))
+    check(self.prompt_buckets and all(b > 0 for b in self.prompt_buckets), "prompt_buckets",
+          "a non-empty tuple of positive lengths")
+    object.__setattr__(self, "prompt_buckets", tuple(sorted(set(self.prompt_buckets))))
+    check(not set(self.stop_tokens) & set(self.banned_tokens), "banned_tokens",
+          f"no overlap with stop_tokens={self.stop_tokens}")
+
+
+@flax.struct.dataclass
+class SamplerOutput:
+  """Rows are prompt-major (b = p·G + g); Lr = max_new_tokens; Lb = response_start.
+
+  tokens int32[B, Lr]: the response, pad_id after the stop token.
+  logprobs, entropies float32[B, Lr]: log-prob of each token and the exact entropy of the sampling
+    distribution it was drawn from (after banned tokens, temperature, top-k, top-p); 0 after the end.
+  lengths int32[B]: response tokens through the stop token (Lr when none came).
+  response_mask bool[B, Lr]: the first `lengths` tokens.
+  sequence_tokens, sequence_positions int32[B, Lb + Lr], sequence_mask, prefix_mask
+    bool[B, Lb + Lr]: right-aligned prompt then response, ready for a teacher-forced forward; the
+    logits at column Lb - 1 + t predict response token t (`response_logits`).
+  prompt_index int32[B]: the prompt (row of the input batch) each row answers, b // G.
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  entropies: jax.Array
+  lengths: jax.Array
+  response_mask: jax.Array
+  sequence_tokens: jax.Array
+  sequence_positions: jax.Array
+  sequence_mask: jax.Array
+  prefix_mask: jax.Array
+  prompt_index: jax.Array
+  response_start: int = flax.struct.field(pytree_node=False)
+
+
+def response_logits(logits: jax.Array, out: SamplerOutput) -> jax.Array:
+  """Teacher-forced logits over `out.sequence_tokens` → float32[B, Lr, V], row t predicting
+  response token t. `logits` may cover the whole sequence (float32[B, Lb + Lr, V]) or start at any
+  column up to Lb - 1: `model(..., logits_from=out.response_start - 1)` computes only the
+  Lr + 1 columns needed."""
+  lr = out.tokens.shape[1]
+  start = logits.shape[1] - lr - 1  # Column Lb - 1 of the sequence.
+  if not 0 <= start <= out.response_start - 1:
+    raise ValueError(f"logits: expected the last {lr + 1} to {lr + out.response_start} columns of "
+                     f"the sequence, got {logits.shape[1]}")
+  return jax.lax.slice_in_dim(logits, start, start + lr, axis=1)
+
+
+def response_logprobs(logits: jax.Array, out: SamplerOutput,
+                      config: SamplerConfig) -> tuple[jax.Array, jax.Array]:
+  """Log-probs of `out.tokens` and entropies, float32[B, Lr] each, under the distribution the
+  sampler draws from with `config` (the same code path), from teacher-forced logits over
+  `out.sequence_tokens` (see `response_logits`). Zero outside `out.response_mask`; -inf for a
+  token that `config`'s filters exclude."""
+  dist = sampling.candidates(response_logits(logits, out), config)
+  mask = out.response_mask
+  return (jnp.where(mask, sampling.log_prob_of(dist, out.tokens), 0.0),
+          jnp.where(mask, sampling.entropy(dist), 0.0))
+
+
+def align_prompts(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id: int = 0):
+  """Right-padded prompts int32[P, Lp] → right-aligned in `length` slots (numpy).
+
+  Returns tokens int32[P, length] (pad_id in front), positions int32[P, length] (0 at the first real
+  token, 0 on padding) and mask bool[P, length].
+  """
+  n = mask.sum(axis=1)
+  col = np.arange(length)[None, :]
+  src = col - (length - n)[:, None]  # Source column of each slot; negative on the padding.
+  real = src >= 0
+  gathered = np.take_along_axis(tokens, np.clip(src, 0, tokens.shape[1] - 1), axis=1)
+  return (np.where(real, gathered, pad_id).astype(np.int32),
+          np.where(real, src, 0).astype(np.int32), real)
+
+
+@flax.struct.dataclass
+class _Loop:
+  """The decode loop's carry. `step` is the response column drawn next."""
+  step: jax.Array       # int32[]
+  token: jax.Array      # int32[B]    the last drawn token (input of the next forward)
+  position: jax.Array   # int32[B]    its position
+  done: jax.Array       # bool[B]     a stop token has been drawn
+  lengths: jax.Array    # int32[B]
+  cache: KVCache
+  tokens: jax.Array     # int32[B, Lr]
+  logprobs: jax.Array   # float32[B, Lr]
+  entropies: jax.Array  # float32[B, Lr]
+
+
+class Sampler:
+  """`Sampler(model, config, sharder)(state, prompt_tokens, prompt_mask, images, rng,
+  group_size=G)` → SamplerOutput.
+
+  `model` (or its graphdef) fixes the architecture; the parameters come in as `state`
+  (`nnx.state(model)` or the trainer's current one) on every call, as arguments of the jitted
+  function. One compile per (P, G, prompt bucket, images shape); see the module docstring.
+  """
+
+  def __init__(self, model, config: SamplerConfig, sharder: Sharder = Sharder()):
+    self.graphdef = model if isinstance(model, nnx.GraphDef) else nnx.split(model)[0]
+    self.config, self.sharder = config, sharder
+
+  def bucket(self, longest: int) -> int:
+    """The prompt length (slots) a batch whose longest prompt has `longest` tokens is padded to."""
+    for b in self.config.prompt_buckets:
+      if b >= longest:
+        return b
+    raise ValueError(f"prompt_tokens: a prompt of {longest} tokens is longer than the largest of "
+                     f"sampler.prompt_buckets={self.config.prompt_buckets}")
+
+  def __call__(self, state: nnx.State, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+               images: np.ndarray | None, rng: jax.Array, *, group_size: int = 1,
+               prompt_ids: np.ndarray | None = None) -> SamplerOutput:
+    """prompt_tokens int32[P, Lp] right-padded, prompt_mask bool[P, Lp], images uint8[P, N, H, W, 3]
+    or None, rng a PRNG key; prompt_ids int32[P] (default 0..P-1) name each prompt's random stream.
+    """
+    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size)
+    return _generate(state, *args, rng, **self._static(group_size))
+
+  def lower(self, state, prompt_tokens, prompt_mask, images, rng, *, group_size: int = 1,
+            prompt_ids=None) -> jax.stages.Lowered:
+    """The jitted generation for these inputs, lowered (for `.compile()`, cost and HLO checks)."""
+    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size)
+    return _generate.lower(state, *args, rng, **self._static(group_size))
+
+  def _static(self, group_size: int) -> dict:
+    return dict(graphdef=self.graphdef, config=self.config, sharder=self.sharder,
+                group_size=group_size)
+
+  def _prepare(self, prompt_tokens, prompt_mask, images, prompt_ids, group_size):
+    """Checks the host batch, right-aligns it in its bucket and places it on the mesh."""
+    tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
+    if tokens.ndim != 2 or mask.shape != tokens.shape:
+      raise ValueError(f"prompt_tokens/prompt_mask: expected equal shapes [P, Lp], got "
+                       f"{tokens.shape} and {mask.shape}")
+    n = mask.sum(axis=1)
+    if (n == 0).any():
+      raise ValueError(f"prompt_mask: rows {np.flatnonzero(n == 0).tolist()} have no tokens")
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+      raise ValueError("prompt_mask: expected right-padded rows (real tokens first, then padding)")
+    if not isinstance(group_size, int) or group_size < 1:
+      raise ValueError(f"group_size: expected a positive integer, got {group_size!r}")
+    p = tokens.shape[0]
+    prompt_ids = np.arange(p) if prompt_ids is None else np.asarray(prompt_ids)
+    if prompt_ids.shape != (p,):
+      raise ValueError(f"prompt_ids: expected shape ({p},), got {prompt_ids.shape}")
+    if images is not None:
+      images = np.asarray(images)
+      if images.ndim != 5 or images.shape[0] != p or images.dtype != np.uint8:
+        raise ValueError(f"images: expected uint8[{p}, N, H, W, 3], got {images.dtype}"
+                         f"{list(images.shape)}")
+    aligned = align_prompts(tokens, mask, self.bucket(int(n.max())), self.config.pad_id)
+    args = aligned + (images, prompt_ids.astype(np.int32))
+    if self.sharder.mesh is not None:
+      args = tuple(None if x is None else jax.device_put(x, batch_sharding(self.sharder, x.ndim,
+                                                                          x.shape)) for x in args)
+    return args
+
+
+# Module level, with the static parts as static arguments: samplers with equal settings share
+# compiled code (e.g. one built per evaluation).
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "sharder", "group_size"))
+def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphdef,
+              config: SamplerConfig, sharder: Sharder, group_size: int) -> SamplerOutput:
+  """tokens, positions int32[P, Lb] and mask bool[P, Lb] from `align_prompts`; images
+  uint8[P, N, H, W, 3] or None; prompt_ids int32[P]; rng a key. See the module docstring."""
+  cfg, shd = config, sharder
+  model = nnx.merge(graphdef, state)
+  g = group_size
+  (p, lb), lr = tokens.shape, cfg.max_new_tokens
+  b = p * g
+  rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+  repeat = lambda x: rows(jnp.repeat(x, g, axis=0))
+
+  # Prefill each prompt once; its G samples attend to that one copy (a shared prefix cache),
+  # then to their own slots, so a decode step reads each prompt's keys once, not G times.
+  logits, prompt_cache = model(tokens, positions, images, model.init_cache(p, lb),
+                               input_mask=mask, prefix_mask=mask, logits_from=lb - 1)
+  # The last response token is never fed back: Lr - 1 own slots (at least one, for the trace).
+  cache = model.init_cache(b, max(lr - 1, 1), prefix=prompt_cache)
+
+  # Row b = p·G + g: key fold_in(fold_in(rng, prompt_ids[p]), g); step t folds in t.
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, prompt_ids)
+  keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, g, axis=0), jnp.tile(jnp.arange(g), p))
+
+  def choose(logits, step, done):
+    uniform = None
+    if not cfg.greedy:
+      uniform = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+    d = sampling.draw(sampling.candidates(logits, cfg), uniform)
+    return (jnp.where(done, cfg.pad_id, d.tokens), jnp.where(done, 0.0, d.log_probs),
+            jnp.where(done, 0.0, d.entropy))
+
+  def record(s: _Loop, logits) -> _Loop:
+    token, logp, ent = choose(logits, s.step, s.done)
+    col = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], s.step, axis=1)
+    stop = jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens else False
+    return s.replace(step=s.step + 1, token=token, position=s.position + 1,
+                     done=s.done | stop, lengths=jnp.where(s.done, s.lengths, s.step + 1),
+                     tokens=col(s.tokens, token), logprobs=col(s.logprobs, logp),
+                     entropies=col(s.entropies, ent))
+
+  def body(s: _Loop) -> _Loop:
+    logits, cache = model(s.token[:, None], s.position[:, None], None, s.cache)
+    return record(s.replace(cache=cache), logits[:, 0])
+
+  def cond(s: _Loop):
+    return (s.step < lr) & ~jnp.all(s.done)
+
+  zeros = lambda dtype: rows(jnp.zeros((b, lr), dtype))
+  start = _Loop(step=jnp.zeros((), jnp.int32), token=jnp.zeros((b,), jnp.int32),
+                position=repeat(positions[:, -1]), done=jnp.zeros((b,), bool),
+                lengths=jnp.zeros((b,), jnp.int32), cache=cache,
+                tokens=rows(jnp.full((b, lr), cfg.pad_id, jnp.int32)),
+                logprobs=zeros(jnp.float32), entropies=zeros(jnp.float32))
+  s = jax.lax.while_loop(cond, body, record(start, repeat(logits[:, 0])))
+
+  response_mask = jnp.arange(lr) < s.lengths[:, None]
+  prompt_lengths = repeat(positions[:, -1] + 1)
+  return SamplerOutput(
+      tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, lengths=s.lengths,
+      response_mask=response_mask,
+      sequence_tokens=jnp.concatenate([repeat(tokens), s.tokens], axis=1),
+      sequence_positions=jnp.concatenate(
+          [repeat(positions), prompt_lengths[:, None] + jnp.arange(lr)], axis=1),
+      sequence_mask=jnp.concatenate([repeat(mask), response_mask], axis=1),
+      prefix_mask=jnp.concatenate([repeat(mask), jnp.zeros((b, lr), bool)], axis=1),
+      prompt_index=jnp.repeat(jnp.arange(p, dtype=jnp.int32), g),
+      response_start=lb)
