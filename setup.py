@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5", "scipy>=1.11"],
     # torch is pinned to the CPU wheel that ships with the machine image; a looser pin pulls CUDA.
     "hf": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "tokenizers>=0.20"],
 }

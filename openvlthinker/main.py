@@ -15,6 +15,10 @@ from openvlthinker import configuration
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, where "
+    "it finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+    "JAX_PROCESS_ID).")
 _MODE = flags.DEFINE_enum("mode", "all", ["sft", "rl", "eval", "all", "forward"],
                           "What to run: SFT, RL, evaluation, SFT then RL (all), or one forward "
                           "pass as a smoke test.")
@@ -37,6 +41,9 @@ def main(argv):
     config = configuration.validate(_CONFIG.value)
   except configuration.ConfigError as e:
     _fail(str(e))
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   from openvlthinker.train import runner  # Imported late: the config must validate first.
   runner.run(config, _WORKDIR.value, _MODE.value)
 

@@ -27,3 +27,16 @@ def test_bad_config_stops_with_one_line_naming_the_field(override, field):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and field in errors[0], proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["default", "test", "tpu_pod", "ablation"])
+def test_shipped_configs_validate(name):
+  import importlib.util
+  from openvlthinker import configuration
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  if name == "tpu_pod":
+    config.data.path = "train.jsonl"  # Set on the command line in a real launch.
+  configuration.validate(config)

@@ -1,0 +1,114 @@
+"""Math answer equivalence: LaTeX normalisation, exactness, bounds and the per-call deadline."""
+import sys
+import threading
+import time
+
+import pytest
+import sympy
+
+from openvlthinker.rl import math_equiv
+
+
+@pytest.mark.parametrize("pred, truth", [
+    ("1/2", "0.5"), ("\\frac{1}{2}", "0.5"), ("\\dfrac12", "1/2"), ("\\tfrac{3}{6}", ".5"),
+    ("$\\frac{\\sqrt{3}}{2}$", "sqrt(3)/2"), ("\\frac{\\sqrt{2}}{2}", "1/\\sqrt{2}"),
+    ("(x+2)(x+3)", "x^2+5x+6"), ("\\left(x+1\\right)^{2}", "x^2 + 2x + 1"),
+    ("9\\pi", "9*pi"), ("9π", "9pi"), ("\\boxed{7/2}", "3.5"), ("x = 5", "5"),
+    ("1,000", "1000"), ("2, 3", "2,3"), ("2\\cdot 3", "6"), ("2 \\times 3", "6"), ("6÷4", "1.5"),
+    ("90^\\circ", "90"), ("15\\text{ cm}", "15"), ("\\sqrt[3]{8}", "2"), ("2^{-1}", "0.5"),
+    ("sin(x)^2+cos(x)^2", "1"), ("e^{0}", "1"),
+    ("x^2y", "y x x"), ("2\\pi r", "2 r pi"), ("−3", "-3"), ("1e3", "1000"),
+])
+def test_equivalent(pred, truth):
+  assert math_equiv.equivalent(pred, truth)
+  assert math_equiv.equivalent(truth, pred)
+
+
+@pytest.mark.parametrize("pred, truth", [
+    ("0.51", "1/2"), ("28.27", "9*pi"), ("x^2+5x+7", "(x+2)(x+3)"), ("3, 2", "2, 3"),
+    ("2", "2, 3"), ("x", "y"), ("1/3", "0.333"), ("1/0", "1"), ("\\infty", "1"), ("", "1"),
+])
+def test_not_equivalent(pred, truth):
+  assert not math_equiv.equivalent(pred, truth)
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('echo hi')", "lambda: 1", "9^9^9^9", "2^{2^{2^{2^{2}}}}",
+    "(" * 60 + "1" + ")" * 60, "1" * 40, "x" * 400, "\\unknown{1}", "1!", "|x|",
+    # Undefined at every point, so they reach the sympy fallback, which must refuse them: sympy
+    # would compute 2^(10^100) as an exact integer, one C call that never returns.
+    "\\sin(2^{10^{100}})", "x^{10^{100}}/(x-x)", "2^{2^{2^{2^{2}}}}/(x-x)",
+])
+def test_hostile_input_is_rejected_quickly(text):
+  start = time.perf_counter()
+  same, reason = math_equiv.check(text, "1")
+  assert not same and reason in ("unparsable", "timeout", "")
+  assert time.perf_counter() - start < 0.5
+
+
+def test_deadline_interrupts_sympy_work_in_a_worker_thread():
+  outcome = {}
+  x = sympy.Symbol("x")
+
+  def spin():
+    start = time.perf_counter()
+    try:
+      with math_equiv.deadline(0.05):
+        k = 0
+        while True:
+          k += 1
+          sympy.expand((x + k) ** 2)
+    except BaseException as e:  # noqa: BLE001 - _Timeout is private on purpose
+      outcome["type"] = type(e).__name__
+    outcome["seconds"] = time.perf_counter() - start
+
+  for _ in range(20):  # sympy runs generators and assumption caches: hit many kinds of frame
+    outcome.clear()
+    thread = threading.Thread(target=spin, daemon=True)  # daemon: a regression cannot hang pytest
+    thread.start()
+    thread.join(5)
+    assert outcome.get("type") == "_Timeout" and outcome["seconds"] < 1.0, outcome
+
+
+def test_deadline_spares_frames_outside_sympy_and_mpmath():
+  # A gc callback or finalizer of another library may run inside the block: raising there would
+  # be swallowed and would drop the hook. Only sympy / mpmath frames are interrupted.
+  calls = []
+  with pytest.raises(BaseException) as info:
+    with math_equiv.deadline(0.0):
+      (lambda: calls.append(1))()
+      sympy.Integer(2) + sympy.Symbol("y")
+  assert calls == [1] and type(info.value).__name__ == "_Timeout"
+  assert sys.gettrace() is None  # the previous hook (none) is restored
+
+
+def test_sympy_fallback_runs_under_the_deadline():
+  # Undefined at every evaluation point, so the comparison falls back to sympy.simplify.
+  pred, truth = "1/(x-x) + 1", "1/(y-y)"
+  assert math_equiv.check(pred, truth, timeout_s=1e-9) == (False, "timeout")
+  assert math_equiv.check(pred, truth, timeout_s=5.0)[1] != "timeout"
+
+
+def test_numeric_agreement_decides_without_sympy():
+  # Identity testing at fixed points: equal to 1e-9 relative counts as equal, less does not.
+  assert math_equiv.equivalent("28.274333882308138", "9\\pi")
+  assert not math_equiv.equivalent("28.2743", "9\\pi")
+  assert not math_equiv.equivalent("0.3333333333", "1/3")  # rationals compare exactly
+
+
+def test_results_agree_across_threads():
+  pairs = [(f"(x+{k})^2", f"x^2+{2 * k}x+{k * k}") for k in range(1, 9)]
+  pairs += [(f"{k}/4", f"{k / 4}") for k in range(8)] + [("x+1", "x+2")] * 4
+  serial = [math_equiv.check(p, t, 2.0)[0] for p, t in pairs]
+  math_equiv.check.cache_clear()
+  got = [None] * len(pairs)
+
+  def work(i):
+    got[i] = math_equiv.check(*pairs[i], 2.0)[0]
+
+  threads = [threading.Thread(target=work, args=(i,)) for i in range(len(pairs))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert got == serial and serial.count(False) == 4
