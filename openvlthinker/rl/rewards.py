@@ -199,25 +199,32 @@ def _multiple_choice(pred: str, truth: str, fields: dict) -> tuple[float, str]:
   return float(got == want), ""
 
 
-@register_reward("numerical")
-def _numerical(pred: str, truth: str, fields: dict) -> tuple[float, str]:
+def _numbers(pred: str, truth: str) -> tuple[float, float] | str:
+  """(prediction, truth) as numbers, or the error that keeps the answer from scoring."""
   want = parse_number(truth)
   if want is None:
-    return 0.0, "unparsable ground truth"
+    return "unparsable ground truth"
   got = parse_number(pred)
   if got is None:
-    return 0.0, "unparsable answer"
+    return "unparsable answer"
+  return got, want
+
+
+@register_reward("numerical")
+def _numerical(pred: str, truth: str, fields: dict) -> tuple[float, str]:
+  parsed = _numbers(pred, truth)
+  if isinstance(parsed, str):
+    return 0.0, parsed
+  got, want = parsed
   return float(round(got, 2) == round(want, 2)), ""
 
 
 @register_reward("regression")
 def _regression(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  want = parse_number(truth)
-  if want is None:
-    return 0.0, "unparsable ground truth"
-  got = parse_number(pred)
-  if got is None:
-    return 0.0, "unparsable answer"
+  parsed = _numbers(pred, truth)
+  if isinstance(parsed, str):
+    return 0.0, parsed
+  got, want = parsed
   rel = abs(got - want) / (abs(want) + 1e-8)
   return sum(rel < tol for tol in _REGRESSION_TOLERANCES) / len(_REGRESSION_TOLERANCES), ""
 

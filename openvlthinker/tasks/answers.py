@@ -59,3 +59,15 @@ def check_image_size(image_size: int) -> int:
       32 <= image_size <= 1024):
     raise ValueError(f"image_size: got {image_size!r}, expected an int in [32, 1024]")
   return int(image_size)
+
+
+def build_scene(builders: dict, kind: str, rng: np.random.Generator, difficulty: int,
+                image_size: int, task: str, tries: int = 1000):
+  """The first non-None result of `builders[kind](rng, difficulty, image_size)`: builders return
+  None for a draw that is ambiguous or does not fit, and are redrawn; RuntimeError after `tries`."""
+  for _ in range(tries):
+    built = builders[kind](rng, difficulty, image_size)
+    if built is not None:
+      return built
+  raise RuntimeError(f"{task}/{kind}: no unambiguous scene in {tries} draws "
+                     f"(difficulty {difficulty}, image_size {image_size})")

@@ -105,13 +105,7 @@ _BUILDERS = {"color": _color, "shape": _shape, "count": _count, "odd": _odd}
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One attribute question (colour, shape, count or odd one out) with 4 options."""
   kind = answers.pick(rng, _KINDS)
-  for _ in range(1000):
-    built = _BUILDERS[kind](rng, difficulty, image_size)
-    if built is not None:
-      break
-  else:
-    raise RuntimeError(f"general_vqa/{kind}: no scene fits in 1000 draws "
-                       f"(difficulty {difficulty}, image_size {image_size})")
+  built = answers.build_scene(_BUILDERS, kind, rng, difficulty, image_size, "general_vqa")
   shapes, question, options, letter, thinking = built
   return Example(
       images=(render.render_shapes(image_size, shapes),),

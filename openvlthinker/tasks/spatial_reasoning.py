@@ -155,13 +155,7 @@ _BUILDERS = {"relation": _relation, "nearest": _nearest, "bigger": _bigger, "cou
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One relation question about a scene of named shapes."""
   kind = answers.pick(rng, _KINDS)
-  for _ in range(1000):
-    built = _BUILDERS[kind](rng, difficulty, image_size)
-    if built is not None:
-      break
-  else:
-    raise RuntimeError(f"spatial_reasoning/{kind}: no unambiguous scene in 1000 draws "
-                       f"(difficulty {difficulty}, image_size {image_size})")
+  built = answers.build_scene(_BUILDERS, kind, rng, difficulty, image_size, "spatial_reasoning")
   shapes, question, options, answer, thinking, problem_type = built
   return Example(
       images=(render.render_shapes(image_size, shapes),),
