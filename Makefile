@@ -20,7 +20,7 @@ demo: $(STAMP)
 	JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache $(BIN)/python -m openvlthinker.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done
