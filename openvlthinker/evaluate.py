@@ -6,7 +6,6 @@ task: accuracy, overall reward, format rate, mean response length, unparsable ra
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np

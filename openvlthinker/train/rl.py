@@ -8,7 +8,7 @@ micro-batch scan, and the accumulated gradient equals the full-minibatch gradien
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -7,12 +7,10 @@ k+1, k+2, … exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from openvlthinker import taxonomy

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import numpy as np

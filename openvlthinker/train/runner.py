@@ -58,7 +58,7 @@ def run(config, workdir: str, mode: str):
     params = _sft_params_or_initial(ctx, writer, mode)
     if mode == "sft":
       return
-    from openvlthinker.train.rl_stage import RLStage, eval_metrics
+    from openvlthinker.train.rl_stage import RLStage
     stage = RLStage(ctx, writer)
     if mode == "eval":
       results = stage.evaluator(params, jax.random.key(0))

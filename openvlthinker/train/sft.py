@@ -5,7 +5,6 @@ logits at t - 1 are scored against tokens[t] there. The loss is a token mean ove
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax

@@ -1,9 +1,7 @@
 """The VLM against independent references: a single-device forward, perturbation tests for
 causality and image placement, and cache-free forwards for the KV-cache path."""
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
