@@ -6,7 +6,6 @@ misspelled field is an error, and `validate` checks values before anything compi
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import ml_collections
@@ -231,8 +230,3 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     except (KeyError, AttributeError) as e:
       raise ConfigError(f"config: missing field {e}") from None
   return c
-
-
-def num_devices_for(c: ml_collections.ConfigDict) -> int:
-  sizes = [c.mesh[a] for a in sharding.MESH_AXES]
-  return math.prod(s for s in sizes if s > 0)

@@ -99,20 +99,10 @@ class Sharder:
       return x
     return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape))
 
-  def replicated(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P())
 
 
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
-
-
-def logical_axes_of(state: nnx.State):
-  """A pytree like `state` whose leaves are each variable's logical axes (None when unnamed)."""
-  def axes(v):
-    names = v.get_metadata().get("logical_axes")
-    return tuple(names) if names is not None else (None,) * len(v.shape)
-  return jax.tree.map(axes, state, is_leaf=_is_variable)
 
 
 def state_shardings(state: nnx.State, sharder: Sharder):
@@ -126,9 +116,3 @@ def state_shardings(state: nnx.State, sharder: Sharder):
 def batch_sharding(sharder: Sharder, ndim: int, shape: Sequence[int] | None = None) -> NamedSharding:
   """Sharding for a batch-major array: leading axis over the data-parallel axes."""
   return sharder.sharding(("batch",) + (None,) * (ndim - 1), shape)
-
-
-def shard_batch(batch: Any, sharder: Sharder) -> Any:
-  """device_put a pytree of batch-major arrays with the batch sharding."""
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(sharder, np.ndim(x), np.shape(x))),
-                      batch)

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from openvlthinker import sharding, taxonomy
@@ -35,9 +36,14 @@ class Context:
         worker_count=d.worker_count, skip_missing_images=d.skip_missing_images)
 
 
-def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+def make_sharder(config: ml_collections.ConfigDict) -> sharding.Sharder:
+  """The (data, fsdp, tensor) mesh of `config.mesh` with `config.sharding_rules`."""
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
-  sharder = sharding.Sharder(mesh, tuple((k, v) for k, v in config.sharding_rules))
+  return sharding.Sharder(mesh, tuple((k, v) for k, v in config.sharding_rules))
+
+
+def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  sharder = make_sharder(config)
   model_config = vlm_config(config.model)
   tokenizer = load_tokenizer(config.tokenizer.path or None)
   if tokenizer.vocab_size > model_config.text.vocab_size:
@@ -54,7 +60,6 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
 
 def task_key_ids(problem_types, task_ids, key: str):
   """The ids G²RPO's second stage groups by: task ids, or problem-type ids (the public code)."""
-  import numpy as np
   if key == "task_type":
     return np.asarray(task_ids, np.int32)
   return np.asarray([taxonomy.PROBLEM_TYPES.index(taxonomy.canonical_problem_type(p))

@@ -31,15 +31,6 @@ class _Responses(NamedTuple):
   response_start: int
 
 
-@dataclasses.dataclass(frozen=True)
-class EntropyShaping:
-  """λ and per-task bounds float[T] of REFERENCE §5; estimator 'exact' or 'sampled_token'."""
-  coef: float
-  h_min: tuple[float, ...]
-  h_max: tuple[float, ...]
-  estimator: str = "exact"
-
-
 def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
                     response_start: int, sampler_config, group_size: int = 1
                     ) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +69,7 @@ def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
 
 def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, response_start: int,
                 sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
-                entropy: EntropyShaping | None, nan_at_step: int = -1, group_size: int = 1):
+                entropy: shaping.EntropyShapingConfig | None, nan_at_step: int = -1, group_size: int = 1):
   """(TrainState, minibatch) → (TrainState, metrics), jitted with the state donated.
 
   `nan_at_step` is a test hook: the loss of that optimizer step is multiplied by NaN, so the
@@ -95,12 +86,11 @@ def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, res
                             ref_logp=ref, task_ids=mb["task_ids"])
     loss = pl.numerator / jnp.maximum(denominator, 1e-30)
     metrics = dict(pl.metrics)
-    if entropy is not None:
+    if entropy is not None and entropy.enabled:
       token_entropy = (exact_entropy if entropy.estimator == "exact"
                        else shaping.sampled_token_entropy(logp))
       ent_loss, _, _ = shaping.entropy_penalty(token_entropy, mask, mb["task_ids"],
-                                               jnp.asarray(entropy.h_min),
-                                               jnp.asarray(entropy.h_max))
+                                               *entropy.bounds())
       loss = loss + entropy.coef * ent_loss / num_micro
       metrics["entropy_loss_sum"] = ent_loss
     return loss, (pl.numerator, metrics)

@@ -74,17 +74,20 @@ class RLStage:
         name=r.policy_loss, clip_low=r.clip_low, clip_high=r.clip_high, dual_clip=r.dual_clip,
         log_ratio_clamp=r.log_ratio_clamp, aggregation=r.aggregation,
         fixed_length=r.max_new_tokens, kl_coef=r.kl_coef)
-    self.entropy = None
-    if r.entropy.enabled:
-      self.entropy = rl.EntropyShaping(
-          coef=r.entropy.coef, h_min=tuple(r.entropy.h_min[t] for t in T),
-          h_max=tuple(r.entropy.h_max[t] for t in T), estimator=r.entropy.estimator)
+    self.entropy = shaping.EntropyShapingConfig(
+        enabled=r.entropy.enabled, coef=r.entropy.coef,
+        h_min=tuple(r.entropy.h_min[t] for t in T), h_max=tuple(r.entropy.h_max[t] for t in T),
+        estimator=r.entropy.estimator)
     self.static_thresholds = shaping.static_thresholds(
         {t: tuple(r.length.thresholds[t]) for t in T})
     self.adaptive = shaping.AdaptiveLengthConfig(
         max_length=r.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count,
         prior=tuple(tuple(float(v) for v in row) for row in self.static_thresholds))
     self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
+    # Jitted once: these run every step on small arrays, where op-by-op dispatch dominates.
+    self.length_thresholds = jax.jit(self.adaptive.thresholds)
+    self.length_update = jax.jit(self.adaptive.update)
+    self.length_reward = jax.jit(shaping.length_reward)
     self._evaluator = None
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
     self._updates: dict[int, Any] = {}
@@ -150,12 +153,12 @@ class RLStage:
     extra = state.extra
     if r.length.enabled:
       w_len = r.length.weight
-      thresholds = (self.adaptive.thresholds(extra["length_stats"]) if r.length.adaptive
+      thresholds = (self.length_thresholds(extra["length_stats"]) if r.length.adaptive
                     else self.static_thresholds)
-      r_len = np.asarray(shaping.length_reward(lengths, task_ids, thresholds))
+      r_len = np.asarray(self.length_reward(lengths, task_ids, thresholds))
       if r.length.adaptive:
         correct = ro.scores["accuracy"] >= 1.0
-        extra = {**extra, "length_stats": self.adaptive.update(
+        extra = {**extra, "length_stats": self.length_update(
             extra["length_stats"], lengths, task_ids, correct, ro.valid)}
       metrics.update(_per_task_metrics("length_reward", per_task_means(
           {"r": r_len}, task_ids, len(T), ro.valid)["r"]))

@@ -7,14 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openvlthinker import sharding
 from openvlthinker.models.build import build_model, vlm_config
+from openvlthinker.train.context import make_sharder
 
 
 def forward_smoke(config) -> dict:
-  mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
-  shd = sharding.Sharder(mesh, tuple((k, v) for k, v in config.sharding_rules))
-  model = build_model(vlm_config(config.model), shd, seed=config.seed)
+  model = build_model(vlm_config(config.model), make_sharder(config), seed=config.seed)
   cfg = model.cfg
   b, t = 2, cfg.num_image_tokens
   tokens = np.concatenate([np.full((b, t), cfg.image_token_id), np.ones((b, 16))], 1)

@@ -12,9 +12,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-
-from openvlthinker.sharding import Sharder
 
 
 @flax.struct.dataclass
@@ -66,13 +63,3 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
                         skipped=state.skipped + (~finite).astype(jnp.int32))
   return state, {"grad_norm": grad_norm, "skipped_step": (~finite).astype(jnp.float32),
                  "param_norm": optax.global_norm(state.params)}
-
-
-def param_state(model: nnx.Module) -> tuple[nnx.GraphDef, Any]:
-  return nnx.split(model)
-
-
-def shard_like(tree: Any, sharder: Sharder, logical: Any) -> Any:
-  """device_put a tree with shardings resolved from a matching tree of logical axes."""
-  return jax.tree.map(lambda x, axes: jax.device_put(x, sharder.sharding(axes, x.shape)),
-                      tree, logical, is_leaf=lambda x: isinstance(x, tuple))

@@ -77,8 +77,12 @@ def test_sigkill_mid_rl_then_rerun_matches_uninterrupted(tmp_path, env):
 def test_nan_loss_step_is_skipped_and_counted(tmp_path, env):
   workdir = str(tmp_path / "nan")
   # Optimizer step 1 is the second minibatch update of RL step 1 (2 updates per rollout).
-  run(env, workdir, "--config.rl.steps=2", "--config.debug.nan_loss_at_rl_step=1")
+  # Shaping on, so the length reward and the entropy term run end to end too.
+  run(env, workdir, "--config.rl.steps=2", "--config.debug.nan_loss_at_rl_step=1",
+      "--config.rl.length.enabled=True", "--config.rl.entropy.enabled=True",
+      "--config.rl.entropy.estimator=sampled_token")
   rl = records(workdir, "rl")
+  assert all("entropy_loss" in r and any(k.startswith("length_reward/") for k in r) for r in rl)
   assert rl[0]["skipped_step"] == 1.0 and rl[1]["skipped_step"] == 0.0
   assert rl[-1]["skipped_steps_total"] == 1
   for r in rl:
