@@ -7,6 +7,7 @@ k+1, k+2, … exactly.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -83,7 +84,11 @@ class RLStage:
     self.adaptive = shaping.AdaptiveLengthConfig(
         max_length=r.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count,
         prior=tuple(tuple(float(v) for v in row) for row in self.static_thresholds))
-    self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
+    # Rows come prompt-major, G per prompt: the layout hints let G²RPO skip its sorts.
+    num_keys = len(T) if r.advantage_task_key == "task_type" else len(taxonomy.PROBLEM_TYPES)
+    self.advantage_fn = jax.jit(functools.partial(
+        advantages_lib.get_advantage_estimator(r.advantage), group_size=r.group_size,
+        num_tasks=num_keys))
     # Jitted once: these run every step on small arrays, where op-by-op dispatch dominates.
     self.length_thresholds = jax.jit(self.adaptive.thresholds)
     self.length_update = jax.jit(self.adaptive.update)
