@@ -32,7 +32,9 @@ def get_config(arg=None):
   spec = importlib.util.spec_from_file_location(f"ablation_base_{base}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  config = module.get_config()
+  config.eval.every = config.rl.steps  # the table compares end points: evaluate before and after
+  return config
 
 
 def get_sweep(arg=None):
