@@ -74,16 +74,17 @@ def summarize(workdir: str, runs) -> dict[str, dict[str, np.ndarray]]:
 
 def table(results) -> str:
   tasks = taxonomy.TASK_TYPES
-  head = "| variant | " + " | ".join(tasks) + " | mean |"
-  lines = [head, "|---|" + "---|" * (len(tasks) + 1)]
+  head = "| variant | " + " | ".join(tasks) + " | mean | tasks above SFT |"
+  lines = [head, "|---|" + "---|" * (len(tasks) + 2)]
   fmt = lambda a: f"{np.mean(a):.3f} ± {np.std(a):.3f}"
   first = next(iter(results.values()))
   lines.append("| SFT (before RL) | " + " | ".join(fmt(first["before"][:, t]) for t in
                                                    range(len(tasks))) +
-               f" | {fmt(first['before'].mean(1))} |")
+               f" | {fmt(first['before'].mean(1))} | |")
   for variant, r in results.items():
+    above = int(np.sum(r["after"].mean(0) > r["before"].mean(0)))  # means over seeds, per task
     lines.append(f"| {variant} | " + " | ".join(fmt(r["after"][:, t]) for t in range(len(tasks)))
-                 + f" | {fmt(r['after'].mean(1))} |")
+                 + f" | {fmt(r['after'].mean(1))} | {above} of {len(tasks)} |")
   seeds = first["after"].shape[0]
   return (f"Held-out overall reward after RL, mean ± std over {seeds} seeds "
           "(greedy decoding):\n\n" + "\n".join(lines) + "\n")
