@@ -185,10 +185,12 @@ def _size(node: tuple) -> int:
   return 1 + sum(_size(a) for a in node[1:] if isinstance(a, tuple))
 
 
-def _sympy_safe(node: tuple) -> bool:
+def _sympy_safe(node: tuple, budget: int = MAX_EXPONENT) -> bool:
   """Whether sympy can build and simplify `node` without one huge C computation: literals are
-  small and every constant exponent is at most MAX_EXPONENT (simplify multiplies powers together,
-  and a power of a big integer is a single C call that no deadline interrupts)."""
+  small, and along every chain of nested powers the exponents multiply to at most MAX_EXPONENT
+  (simplify folds (a^p)^q into a^(p·q), and a power of a big integer is a single C call that no
+  deadline interrupts). A constant exponent counts as max(|numerator|, denominator), or its
+  magnitude when it is not rational (e.g. 91.59^91.51); an exponent with symbols counts as 1."""
   op = node[0]
   if op == "num":
     return abs(node[1].numerator) < 10**6 and node[1].denominator < 10**6
@@ -197,9 +199,20 @@ def _sympy_safe(node: tuple) -> bool:
       exponent = exact(node[2])
     except Unparsable:
       return False
-    if exponent is not None and abs(exponent) > MAX_EXPONENT:
-      return False
-  return all(_sympy_safe(a) for a in node[1:] if isinstance(a, tuple))
+    if exponent is not None:
+      factor = max(abs(exponent.numerator), exponent.denominator)
+    elif _symbols(node[2], set()):
+      factor = 1
+    else:
+      try:
+        magnitude = abs(numeric(node[2], {}))
+      except (OverflowError, ZeroDivisionError, ValueError, KeyError):
+        return False
+      if not magnitude <= budget:  # also NaN
+        return False
+      factor = max(1, int(magnitude) + 1)
+    return factor <= budget and _sympy_safe(node[1], budget // factor) and _sympy_safe(node[2])
+  return all(_sympy_safe(a, budget) for a in node[1:] if isinstance(a, tuple))
 
 
 # --------------------------------------------------------------------------------- comparison
