@@ -296,19 +296,19 @@ def _blocked_g2rpo(rewards, group_ids, task_ids, valid, entry, group_size: int,
   return jnp.where(valid, means[bin_start[jnp.minimum(bins, num_bins - 1)]], 0.0)
 
 
-def _blocked_layout_fits(rewards, group_ids, task_ids, valid, entry, group_size: int,
+def _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size: int,
                          num_tasks: int | None) -> jax.Array:
-  """Whether the hints hold: bool[] true iff every valid row's whole group sits in its block, its
-  task id is below num_tasks (when given) and its reward is not NaN (the sort orders NaN, the
-  comparisons of `_table_entries` do not)."""
-  b = rewards.shape[0]
-  gid = jnp.where(valid, group_ids, b)
-  group_total = jax.ops.segment_sum(valid.astype(jnp.int32), gid, num_segments=b)
-  fits = (group_total[jnp.minimum(gid, b - 1)] == entry // group_size ** 2 + 1) & ~jnp.isnan(
-      rewards)
+  """Whether the hints hold, as bool[]: group ids never decrease along the rows and change at
+  every block boundary (so each group is contiguous and inside one block, as in the sampler's
+  layout; other blocked layouts take the sorted path too), every valid task id is below
+  num_tasks (when given) and no valid reward is NaN (the sort orders NaN, the comparisons of
+  `_table_entries` do not). Elementwise and one reduction: no scatter, no sort."""
+  blocks = group_ids.reshape(-1, group_size)
+  fits = jnp.all(group_ids[1:] >= group_ids[:-1]) & jnp.all(blocks[1:, 0] != blocks[:-1, -1])
+  ok = ~jnp.isnan(rewards)
   if num_tasks is not None:
-    fits &= task_ids < num_tasks
-  return jnp.all(~valid | fits)
+    ok &= task_ids < num_tasks
+  return fits & jnp.all(~valid | ok)
 
 
 def _with_blocked_fast_path(rewards, group_ids, task_ids, valid, group_size, num_tasks, stages):
@@ -317,9 +317,10 @@ def _with_blocked_fast_path(rewards, group_ids, task_ids, valid, group_size, num
             and b % group_size == 0 and (stages == 1 or (num_tasks or 0) >= 1))
   if not usable:
     return _sorted_g2rpo(rewards, group_ids, task_ids, valid, stages)
+  fits = _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size,
+                              num_tasks if stages == 2 else None)
   entry = _table_entries(rewards, group_ids, valid, group_size)
   args = (rewards, group_ids, task_ids, valid, entry)
-  fits = _blocked_layout_fits(*args, group_size, num_tasks if stages == 2 else None)
   # The hints are checked, not trusted: a batch that does not fit takes the sorted path.
   return lax.cond(fits, lambda *a: _blocked_g2rpo(*a, group_size, num_tasks, stages),
                   lambda r, g, t, v, _: _sorted_g2rpo(r, g, t, v, stages), *args)

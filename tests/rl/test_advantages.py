@@ -345,7 +345,7 @@ def test_blocked_fast_path_matches_the_sorted_path(case):
   args = (b["rewards"], b["groups"], b["tasks"], b["valid"])
   entry = adv._table_entries(*(jnp.asarray(a) for a in (b["rewards"], b["groups"], b["valid"])),
                              g)
-  assert adv._blocked_layout_fits(*args, entry, g, num_tasks)  # so the fast branch is the one run
+  assert adv._blocked_layout_fits(*args, g, num_tasks)  # so the fast branch is the one run
   for name, stages in (("g2rpo", 2), ("g2rpo_group", 1)):
     want = np.asarray(jax.jit(adv._sorted_g2rpo, static_argnums=4)(*args, stages))
     fast = np.asarray(jax.jit(adv._blocked_g2rpo, static_argnums=(5, 6, 7))(
@@ -372,8 +372,7 @@ def test_blocked_hints_that_do_not_hold_take_the_sorted_path():
            "NaN reward": (np.where(np.arange(b) == 2, np.nan, rewards).astype(np.float32),
                           groups, tasks)}
   for what, args in cases.items():
-    entry = adv._table_entries(jnp.asarray(args[0]), jnp.asarray(args[1]), jnp.ones(b, bool), g)
-    assert not adv._blocked_layout_fits(*args, np.ones(b, bool), entry, g, 4), what
+    assert not adv._blocked_layout_fits(*args, np.ones(b, bool), g, 4), what
     np.testing.assert_allclose(np.asarray(_hinted("g2rpo", g, 4)(*args)),
                                np.asarray(g2rpo(*args)), rtol=0, atol=1e-6, err_msg=what)
 
