@@ -260,16 +260,16 @@ def _table_entries(rewards, group_ids, valid, group_size: int) -> jax.Array:
 
 
 def _scan(op, x: jax.Array) -> jax.Array:
-  # XLA:CPU runs jnp.cumsum / lax.cummax as windowed reductions, several times slower here.
+  # The counting sort's scans: jnp.cumsum / lax.cummax measured ~4x slower alone on XLA:CPU at
+  # 4096 rows (inside the sorted path's fusions, cumsum measured faster, so it keeps it).
   return lax.associative_scan(op, x)
 
 
-def _blocked_g2rpo(rewards, group_ids, task_ids, valid, entry, group_size: int,
-                   num_tasks: int | None, stages: int):
+def _blocked_g2rpo(task_ids, valid, entry, group_size: int, num_tasks: int | None,
+                   stages: int):
   """`_sorted_g2rpo` for batches where every group lies inside one block of `group_size` rows and
   every valid task id is below `num_tasks` (the caller checks): the same ranks, ties and run means.
   Stage-1 values are table lookups, so equal (size, rank, ties) give equal bits."""
-  del rewards, group_ids  # all they say is in entry
   b = valid.shape[0]
   table, ids, num_values = _stage1_table(group_size)
   entry = jnp.clip(entry, 0, group_size ** 3 - 1)
@@ -284,7 +284,7 @@ def _blocked_g2rpo(rewards, group_ids, task_ids, valid, entry, group_size: int,
   counts = jax.ops.segment_sum(valid.astype(jnp.int32), bins, num_segments=num_bins)
   bin_start = _scan(jnp.add, counts) - counts
   task_count = counts.reshape(num_tasks, num_values).sum(1)
-  task_start = jnp.cumsum(task_count) - task_count
+  task_start = jnp.cumsum(task_count) - task_count  # a handful of tasks: no scan needed
   marks = jnp.zeros((b,), jnp.int32).at[jnp.where(counts > 0, bin_start, b)].set(
       jnp.arange(num_bins, dtype=jnp.int32), mode="drop")
   bin_at = _scan(jnp.maximum, marks)  # the bin of every position
@@ -322,8 +322,8 @@ def _with_blocked_fast_path(rewards, group_ids, task_ids, valid, group_size, num
   entry = _table_entries(rewards, group_ids, valid, group_size)
   args = (rewards, group_ids, task_ids, valid, entry)
   # The hints are checked, not trusted: a batch that does not fit takes the sorted path.
-  return lax.cond(fits, lambda *a: _blocked_g2rpo(*a, group_size, num_tasks, stages),
-                  lambda r, g, t, v, _: _sorted_g2rpo(r, g, t, v, stages), *args)
+  fast = lambda r, g, t, v, e: _blocked_g2rpo(t, v, e, group_size, num_tasks, stages)
+  return lax.cond(fits, fast, lambda r, g, t, v, _: _sorted_g2rpo(r, g, t, v, stages), *args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                  graphdef=graphdef, initial_params=params, tokenizer=tokenizer)
 
 
+def num_task_keys(key: str) -> int:
+  """How many distinct ids `task_key_ids` can return for `key` (a static bound)."""
+  return len(taxonomy.TASK_TYPES) if key == "task_type" else len(taxonomy.PROBLEM_TYPES)
+
+
 def task_key_ids(problem_types, task_ids, key: str):
   """The ids G²RPO's second stage groups by: task ids, or problem-type ids (the public code)."""
   if key == "task_type":

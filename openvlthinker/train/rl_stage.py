@@ -22,7 +22,7 @@ from openvlthinker.rl import losses, rewards, shaping
 from openvlthinker.sampler import Sampler, SamplerConfig
 from openvlthinker.sharding import batch_sharding
 from openvlthinker.train import loop, rl, rollout as rollout_lib
-from openvlthinker.train.context import Context, task_key_ids
+from openvlthinker.train.context import Context, num_task_keys, task_key_ids
 from openvlthinker.train.scoring import per_task_means
 from openvlthinker.train.state import create_train_state, make_optimizer
 
@@ -85,10 +85,9 @@ class RLStage:
         max_length=r.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count,
         prior=tuple(tuple(float(v) for v in row) for row in self.static_thresholds))
     # Rows come prompt-major, G per prompt: the layout hints let G²RPO skip its sorts.
-    num_keys = len(T) if r.advantage_task_key == "task_type" else len(taxonomy.PROBLEM_TYPES)
     self.advantage_fn = jax.jit(functools.partial(
         advantages_lib.get_advantage_estimator(r.advantage), group_size=r.group_size,
-        num_tasks=num_keys))
+        num_tasks=num_task_keys(r.advantage_task_key)))
     # Jitted once: these run every step on small arrays, where op-by-op dispatch dominates.
     self.length_thresholds = jax.jit(self.adaptive.thresholds)
     self.length_update = jax.jit(self.adaptive.update)

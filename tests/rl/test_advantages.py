@@ -333,9 +333,14 @@ def blocked_batches(draw):
   return dict(rewards=rewards, groups=groups, tasks=tasks, valid=valid), g, num_tasks
 
 
+@functools.lru_cache(maxsize=None)  # one compile per (name, G, T), not one per example
 def _hinted(name, g, num_tasks):
   return jax.jit(functools.partial(adv.get_advantage_estimator(name), group_size=g,
                                    num_tasks=num_tasks))
+
+
+_sorted_jit = jax.jit(adv._sorted_g2rpo, static_argnums=4)
+_blocked_jit = jax.jit(adv._blocked_g2rpo, static_argnums=(3, 4, 5))
 
 
 @SETTINGS
@@ -347,9 +352,8 @@ def test_blocked_fast_path_matches_the_sorted_path(case):
                              g)
   assert adv._blocked_layout_fits(*args, g, num_tasks)  # so the fast branch is the one run
   for name, stages in (("g2rpo", 2), ("g2rpo_group", 1)):
-    want = np.asarray(jax.jit(adv._sorted_g2rpo, static_argnums=4)(*args, stages))
-    fast = np.asarray(jax.jit(adv._blocked_g2rpo, static_argnums=(5, 6, 7))(
-        *args, entry, g, num_tasks, stages))
+    want = np.asarray(_sorted_jit(*args, stages))
+    fast = np.asarray(_blocked_jit(b["tasks"], b["valid"], entry, g, num_tasks, stages))
     # Same ranks and ties; the last bits may differ (XLA fuses the two programs differently).
     np.testing.assert_allclose(fast, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(_hinted(name, g, num_tasks)(*args)), want, rtol=0,
