@@ -7,10 +7,11 @@ sampling code and no early stop either: (a) `nocache`: every step recomputes the
 one-step decode (the cache donated), after the same shared-prefix prefill, so its ratio is the gain
 of the on-device `while_loop` alone.
 
---matched: the size peers were measured at on this machine: a text model (vocab 1024, width 256,
-4 layers, 4 heads / 2 KV heads, head dim 64, MLP 1024, float32), 64-token prompts, 64 new tokens,
-batch 64, temperature 1. `matched_tokens_per_s` uses 64 distinct prompts (64 prefills);
-`matched_tokens_per_s_8x8` 8 prompts × 8 samples (the RL case: 8 prefills, shared prompt cache).
+--matched: the same benchmark (8 prompts × 8 samples, the RL layout: 8 prefills, each prompt's
+cache shared by its samples) at the size peers were measured at on this machine: a text model
+(vocab 1024, width 256, 4 layers, 4 heads / 2 KV heads, head dim 64, MLP 1024, float32), 64-token
+prompts, 64 new tokens, batch 64, temperature 1 → `matched_tokens_per_s`. The same batch of 64
+rows from 64 distinct prompts (64 prefills, nothing shared) → `matched_tokens_per_s_64_distinct`.
 
 Figures are medians over --repeats calls after a warm-up call (the sampler and the host loop take
 turns, so drifting load hits both), with the (min, max) spread; the
@@ -173,7 +174,7 @@ def main():
     cfg = VLMConfig(text=DecoderConfig(vocab_size=1024, width=256, num_layers=4, num_heads=4,
                                        num_kv_heads=2, head_dim=64, mlp_dim=1024),
                     vision=None)
-    runs = {"": (64, 1), "_8x8": (8, 8)}
+    runs = {"": (8, 8), "_64_distinct": (64, 1)}
     prompt_len = 64
   else:
     cfg = vlm_config(default_config.get_config().model)

@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
       clip_low=0.2, clip_high=0.3, dual_clip=3.0, log_ratio_clamp=20.0,
       aggregation="token_mean",  # 'token_mean' | 'seq_mean_token_mean' | 'fixed_denominator'.
       kl_coef=0.0,               # k3 KL to the initial (reference) policy; 0 = off, as the paper.
-      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96))
+      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96,
+      decode_phases=4))          # the sampler's decode loop grows its cache in this many phases.
   c.rl.filter = ml_collections.ConfigDict(dict(enabled=True, low=0.01, high=0.99, max_tries=3))
   # Length shaping: static thresholds below, or adaptive ones (quantiles of the lengths of correct
   # responses, rl/shaping.py) that start from them.
@@ -182,7 +183,7 @@ def _sft_rl(c):
   r = c.rl
   _check(isinstance(r.steps, int) and r.steps >= 0, "rl.steps", "an integer >= 0", r.steps)
   for f in ("prompts_per_step", "group_size", "updates_per_rollout", "micro_batch_size",
-            "max_new_tokens"):
+            "max_new_tokens", "decode_phases"):
     _positive(c, f"rl.{f}")
   _check(r.group_size >= 2, "rl.group_size", "at least 2 (advantages compare within a group)",
          r.group_size)

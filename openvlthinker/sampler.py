@@ -18,7 +18,10 @@ once for its G samples. Both live inside the jitted call, in the model's dtype, 
 loop holds no copy of it; tests check the HLO), so there is nothing to donate across the call.
 
 Decode. The loop stops when every row has drawn a stop token or after Lr tokens. Filters run only
-when configured (see `sampling`); log-prob and entropy come from one log-softmax per step.
+when configured (see `sampling`); log-prob and entropy come from one log-softmax per step. At small
+widths a step's time goes mostly to reading the KV cache, so the loop runs in `decode_phases`
+consecutive loops over a response cache that grows between them (each reads only the slots its
+steps can reach), and every step's rotary tables are computed once, before the first.
 
 The trainer recomputes log-probs with one teacher-forced forward over the returned sequences:
   logits, _ = model(out.sequence_tokens, out.sequence_positions, images[out.prompt_index],
@@ -38,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from openvlthinker import sampling
-from openvlthinker.models.decoder import KVCache
+from openvlthinker.models.decoder import KVCache, grow_cache
 from openvlthinker.sharding import Sharder, batch_sharding
 
 
@@ -50,6 +53,10 @@ class SamplerConfig:
   mode of the (filtered, tempered) distribution, whose log-probs and entropies are still reported.
   stop_tokens end a row (the stop token is part of the response); banned_tokens get probability 0.
   A batch's prompts are right-aligned in the smallest of `prompt_buckets` that holds the longest.
+  decode_phases: the decode loop runs in up to this many consecutive loops (of 8 steps or more)
+  over a response cache that grows between them, so early steps do not read slots no token has
+  reached yet (the cache reads dominate a step's memory traffic); each phase is one more compiled
+  loop body.
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -60,6 +67,7 @@ class SamplerConfig:
   banned_tokens: tuple[int, ...] = ()
   prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   pad_id: int = 0
+  decode_phases: int = 4
 
   def __post_init__(self):
     def check(ok, field, expected):
@@ -72,6 +80,8 @@ class SamplerConfig:
     check(0 < self.top_p <= 1, "top_p", "a number in (0, 1] (1 = off)")
     for field in ("stop_tokens", "banned_tokens", "prompt_buckets"):
       object.__setattr__(self, field, tuple(int(x) for x in getattr(self, field)))
+    check(isinstance(self.decode_phases, int) and self.decode_phases >= 1, "decode_phases",
+          "a positive integer")
     check(self.prompt_buckets and all(b > 0 for b in self.prompt_buckets), "prompt_buckets",
           "a non-empty tuple of positive lengths")
     object.__setattr__(self, "prompt_buckets", tuple(sorted(set(self.prompt_buckets))))
@@ -144,6 +154,17 @@ def align_prompts(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id: int
   gathered = np.take_along_axis(tokens, np.clip(src, 0, tokens.shape[1] - 1), axis=1)
   return (np.where(real, gathered, pad_id).astype(np.int32),
           np.where(real, src, 0).astype(np.int32), real)
+
+
+_MIN_PHASE_STEPS = 8  # shorter phases save less cache traffic than their compile costs
+
+
+def decode_phase_ends(max_new_tokens: int, phases: int) -> tuple[int, ...]:
+  """The step each decode phase stops before: steps 1 … Lr - 1 (step 0 is drawn from the
+  prefill's logits) in up to `phases` near-equal runs of at least 8 steps; the last ends at Lr."""
+  steps = max_new_tokens - 1
+  phases = max(1, min(phases, steps // _MIN_PHASE_STEPS))
+  return tuple(1 + -(-steps * (i + 1) // phases) for i in range(phases))
 
 
 @flax.struct.dataclass
@@ -249,8 +270,10 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
   # then to their own slots, so a decode step reads each prompt's keys once, not G times.
   logits, prompt_cache = model(tokens, positions, images, model.init_cache(p, lb),
                                input_mask=mask, prefix_mask=mask, logits_from=lb - 1)
-  # The last response token is never fed back: Lr - 1 own slots (at least one, for the trace).
-  cache = model.init_cache(b, max(lr - 1, 1), prefix=prompt_cache)
+  # The last response token is never fed back: Lr - 1 own slots in all. Step t (1 ≤ t < Lr) feeds
+  # token t - 1 into slot t - 1, so a phase ending before step `end` needs end - 1 slots.
+  ends = decode_phase_ends(lr, cfg.decode_phases)
+  cache = model.init_cache(b, max(ends[0] - 1, 1), prefix=prompt_cache)
 
   # Row b = p·G + g: key fold_in(fold_in(rng, prompt_ids[p]), g); step t folds in t.
   keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, prompt_ids)
@@ -273,12 +296,15 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
                      tokens=col(s.tokens, token), logprobs=col(s.logprobs, logp),
                      entropies=col(s.entropies, ent))
 
-  def body(s: _Loop) -> _Loop:
-    logits, cache = model(s.token[:, None], s.position[:, None], None, s.cache)
-    return record(s.replace(cache=cache), logits[:, 0])
+  # Every step's rotary tables, built before the loop: inside it XLA would fuse sin and cos into
+  # each consumer and evaluate them per head and per use (~10% of a step). Column t is the
+  # position step t feeds, the last prompt position + t.
+  step_rope = model.decoder.rope_tables(repeat(positions[:, -1:]) + jnp.arange(lr))
 
-  def cond(s: _Loop):
-    return (s.step < lr) & ~jnp.all(s.done)
+  def body(s: _Loop) -> _Loop:
+    rope = tuple(jax.lax.dynamic_slice_in_dim(x, s.step, 1, axis=1) for x in step_rope)
+    logits, cache = model(s.token[:, None], s.position[:, None], None, s.cache, rope=rope)
+    return record(s.replace(cache=cache), logits[:, 0])
 
   zeros = lambda dtype: rows(jnp.zeros((b, lr), dtype))
   start = _Loop(step=jnp.zeros((), jnp.int32), token=jnp.zeros((b,), jnp.int32),
@@ -286,7 +312,11 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
                 lengths=jnp.zeros((b,), jnp.int32), cache=cache,
                 tokens=rows(jnp.full((b, lr), cfg.pad_id, jnp.int32)),
                 logprobs=zeros(jnp.float32), entropies=zeros(jnp.float32))
-  s = jax.lax.while_loop(cond, body, record(start, repeat(logits[:, 0])))
+  s = record(start, repeat(logits[:, 0]))
+  for i, end in enumerate(ends):
+    if i:
+      s = s.replace(cache=grow_cache(s.cache, end - 1, shd))
+    s = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, s)
 
   response_mask = jnp.arange(lr) < s.lengths[:, None]
   prompt_lengths = repeat(positions[:, -1] + 1)

@@ -85,6 +85,17 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int,
                  index=jnp.zeros((), jnp.int32), prefix=prefix)
 
 
+def grow_cache(cache: KVCache, max_length: int, sharder: Sharder = Sharder()) -> KVCache:
+  """`cache` with empty slots appended up to `max_length` (the prefix is shared, not copied)."""
+  extra = max_length - cache.max_length
+  if extra < 0:
+    raise ValueError(f"grow_cache: max_length {max_length} < the cache's {cache.max_length}")
+  pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+  kv = lambda xs, axis: tuple(sharder.constrain(pad(x, axis), CACHE_KV_AXES) for x in xs)
+  return cache.replace(k=kv(cache.k, 3), v=kv(cache.v, 2),
+                       valid=sharder.constrain(pad(cache.valid, 1), ("cache_batch", None)))
+
+
 def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None, cache: KVCache | None,
                    full_prefix: bool) -> tuple[jax.Array, jax.Array]:
   """bool[B, L, S] attention mask and the key validity bool[B, S] (the updated cache.valid)."""
@@ -190,6 +201,10 @@ class Decoder(nnx.Module):
       self.head = layers.param(rngs, layers.fan_in_init((0,)), (cfg.width, cfg.vocab_size),
                                ("embed", "vocab"), cfg.param_dtype)
 
+  def rope_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sin, cos float32[..., 1, head_dim / 2] of the rotary angles of int32 `positions`."""
+    return layers.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int32[B, L] → [B, L, D] in the compute dtype (scaled by sqrt(D), Gemma-style)."""
     # The lookup gathers from a table sharded over vocab and embed; replicating it first (what
@@ -201,11 +216,16 @@ class Decoder(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, input_mask: jax.Array,
                prefix_mask: jax.Array | None = None, cache: KVCache | None = None,
-               full_prefix_attention: bool = False, logits_from: int = 0):
+               full_prefix_attention: bool = False, logits_from: int = 0,
+               rope: tuple[jax.Array, jax.Array] | None = None):
     """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L - logits_from, V],
-    cache): logits from column `logits_from` (static) on."""
+    cache): logits from column `logits_from` (static) on. `rope`, when given, is
+    `self.rope_tables(positions)` computed by the caller (the sampler builds every decode step's
+    tables before its loop: XLA fuses sin and cos into each consumer, so a step would otherwise
+    evaluate them once per head and per use)."""
     mask, valid = attention_mask(input_mask, prefix_mask, cache, full_prefix_attention)
-    rope = layers.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    if rope is None:
+      rope = self.rope_tables(positions)
     shared = None if cache is None else cache.prefix
     new_k, new_v = [], []
     for i, block in enumerate(self.blocks):

@@ -60,8 +60,9 @@ class LayerNorm(nnx.Module):
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """sin, cos float32[B, L, 1, head_dim / 2] of the rotary angles; computed once per forward and
-  shared by every layer (recomputing them inside each layer's fusions costs more than the rotation).
+  """sin, cos float32[B, L, 1, head_dim / 2] of the rotary angles, computed once per forward for
+  every layer. (XLA may still fuse sin and cos into each consumer and evaluate them per head; a
+  loop that calls the model many times passes tables computed outside it, see `Decoder`'s rope.)
   """
   half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)

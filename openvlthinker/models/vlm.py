@@ -101,21 +101,22 @@ class VLM(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, images: jax.Array | None = None,
                cache: KVCache | None = None, *, input_mask: jax.Array | None = None,
-               prefix_mask: jax.Array | None = None,
-               logits_from: int = 0) -> tuple[jax.Array, KVCache | None]:
+               prefix_mask: jax.Array | None = None, logits_from: int = 0,
+               rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens int32[B, L], positions int32[B, L], images uint8[B, N, H, W, 3] or None.
 
     input_mask bool[B, L] marks real tokens (default: all); prefix_mask bool[B, L] marks the
     image+prompt prefix for full prefix attention. Returns float32 logits [B, L - logits_from, V]
     (static `logits_from`: columns before it get no logits, e.g. a prompt when only the response is
-    scored) and the cache (None when none was given).
+    scored) and the cache (None when none was given). rope: optional precomputed
+    `self.decoder.rope_tables(positions)`.
     """
     if input_mask is None:
       input_mask = jnp.ones(tokens.shape, bool)
     x = self.embed(tokens, images, input_mask)
     return self.decoder(x, positions, input_mask, prefix_mask, cache,
                         full_prefix_attention=self.cfg.prefix_full_attention,
-                        logits_from=logits_from)
+                        logits_from=logits_from, rope=rope)
 
   def init_cache(self, batch: int, max_length: int, prefix: KVCache | None = None) -> KVCache:
     """An empty decoder cache of `max_length` slots, optionally behind a shared `prefix`."""

@@ -69,7 +69,8 @@ class RLStage:
     tok = ctx.tokenizer
     self.sampler_config = SamplerConfig(
         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-        stop_tokens=(tok.eos_id,), prompt_buckets=tuple(c.data.prompt_buckets), pad_id=tok.pad_id)
+        stop_tokens=(tok.eos_id,), prompt_buckets=tuple(c.data.prompt_buckets), pad_id=tok.pad_id,
+        decode_phases=r.decode_phases)
     self.sampler = Sampler(ctx.graphdef, self.sampler_config, ctx.sharder)
     self.loss_config = losses.PolicyLossConfig(
         name=r.policy_loss, clip_low=r.clip_low, clip_high=r.clip_high, dual_clip=r.dual_clip,

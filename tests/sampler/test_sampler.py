@@ -16,7 +16,8 @@ import numpy_sampling as ref
 from configs import test as test_config
 from openvlthinker.models.build import build_model, vlm_config
 from openvlthinker.models.vlm import VLM
-from openvlthinker.sampler import Sampler, SamplerConfig, align_prompts, response_logprobs
+from openvlthinker.sampler import (Sampler, SamplerConfig, align_prompts, decode_phase_ends,
+                                   response_logprobs)
 from openvlthinker.sharding import Sharder, make_mesh, state_shardings
 
 EOS, PAD = 2, 0
@@ -379,3 +380,33 @@ def test_decode_loop_updates_the_cache_in_place(model, state, cfg):
       assert root == ["dynamic-update-slice"], line
     updates += opcode in ("fusion", "dynamic-update-slice")
   assert updates == 2 * t.num_layers  # k and v of every layer, each written once per step.
+
+
+@pytest.mark.parametrize("phases", [2, 4])
+def test_decode_phases_change_only_the_cache_size(model, state, cfg, phases):
+  """Growing the response cache between phases leaves the samples as they are with one loop over
+  the full cache (rows stopping in every phase), and each phase's loop carries only the slots its
+  steps can reach."""
+  stop = tuple(range(10, cfg.text.vocab_size, 19))
+  lr = 40
+  one = SamplerConfig(max_new_tokens=lr, stop_tokens=stop, prompt_buckets=(32,), decode_phases=1)
+  tokens, mask, images = make_prompts(cfg, 6, seed=6)
+  args = (state, tokens, mask, images, jax.random.key(6))
+  want = jax.device_get(Sampler(model, one)(*args, group_size=3))
+  ends = decode_phase_ends(lr, phases)
+  assert len(ends) == phases and ends[-1] == lr
+  # The test has teeth: rows stop in every phase (a row of length L stopped at step L - 1).
+  assert set(np.searchsorted(ends, want.lengths - 1, side="right").tolist()) == set(range(phases))
+  phased = Sampler(model, dataclasses.replace(one, decode_phases=phases))
+  got = jax.device_get(phased(*args, group_size=3))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  np.testing.assert_allclose(got.entropies, want.entropies, atol=1e-5)
+
+  hlo = phased.lower(*args, group_size=3).compile().as_text()
+  t = cfg.text
+  key_cache = re.compile(rf"f32\[18,{t.num_kv_heads},{t.head_dim},(\d+)\]")
+  slots = {int(m) for line in hlo.split("\n") if re.search(r"\) while\(", line)
+           for m in key_cache.findall(line.split(" while(")[0])}
+  assert sorted(slots) == [end - 1 for end in ends]

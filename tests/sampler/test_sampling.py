@@ -91,7 +91,8 @@ def test_inverse_cdf_frequencies_match_probabilities():
 def test_config_errors_name_the_field():
   for kw, field in [(dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
                     (dict(top_k=-1), "top_k"), (dict(prompt_buckets=()), "prompt_buckets"),
-                    (dict(stop_tokens=(2,), banned_tokens=(2,)), "banned_tokens")]:
+                    (dict(stop_tokens=(2,), banned_tokens=(2,)), "banned_tokens"),
+                    (dict(decode_phases=0), "decode_phases")]:
     with pytest.raises(ValueError, match=f"sampler.{field}"):
       _config(**kw)
   with pytest.raises(ValueError, match="sampler.max_new_tokens"):
