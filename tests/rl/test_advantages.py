@@ -9,6 +9,7 @@ import pytest
 from scipy.special import ndtri
 
 from openvlthinker.rl import advantages as adv
+from openvlthinker.rl import g2rpo as g2rpo_lib
 
 B_PAD = 512  # every random batch is padded with invalid rows to this size: one compile per fn
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -339,8 +340,8 @@ def _hinted(name, g, num_tasks):
                                    num_tasks=num_tasks))
 
 
-_sorted_jit = jax.jit(adv._sorted_g2rpo, static_argnums=4)
-_blocked_jit = jax.jit(adv._blocked_g2rpo, static_argnums=(3, 4, 5))
+_sorted_jit = jax.jit(g2rpo_lib._sorted_g2rpo, static_argnums=4)
+_blocked_jit = jax.jit(g2rpo_lib._blocked_g2rpo, static_argnums=(3, 4, 5))
 
 
 @SETTINGS
@@ -348,9 +349,9 @@ _blocked_jit = jax.jit(adv._blocked_g2rpo, static_argnums=(3, 4, 5))
 def test_blocked_fast_path_matches_the_sorted_path(case):
   b, g, num_tasks = case
   args = (b["rewards"], b["groups"], b["tasks"], b["valid"])
-  entry = adv._table_entries(*(jnp.asarray(a) for a in (b["rewards"], b["groups"], b["valid"])),
-                             g)
-  assert adv._blocked_layout_fits(*args, g, num_tasks)  # so the fast branch is the one run
+  entry = g2rpo_lib._table_entries(
+      *(jnp.asarray(a) for a in (b["rewards"], b["groups"], b["valid"])), g)
+  assert g2rpo_lib._blocked_layout_fits(*args, g, num_tasks)  # so the fast branch is the one run
   for name, stages in (("g2rpo", 2), ("g2rpo_group", 1)):
     want = np.asarray(_sorted_jit(*args, stages))
     fast = np.asarray(_blocked_jit(b["tasks"], b["valid"], entry, g, num_tasks, stages))
@@ -376,14 +377,14 @@ def test_blocked_hints_that_do_not_hold_take_the_sorted_path():
            "NaN reward": (np.where(np.arange(b) == 2, np.nan, rewards).astype(np.float32),
                           groups, tasks)}
   for what, args in cases.items():
-    assert not adv._blocked_layout_fits(*args, np.ones(b, bool), g, 4), what
+    assert not g2rpo_lib._blocked_layout_fits(*args, np.ones(b, bool), g, 4), what
     np.testing.assert_allclose(np.asarray(_hinted("g2rpo", g, 4)(*args)),
                                np.asarray(g2rpo(*args)), rtol=0, atol=1e-6, err_msg=what)
 
 
 @pytest.mark.parametrize("g", [1, 2, 5, 8, 16])
 def test_stage1_table_ids_order_the_values(g):
-  table, ids, num_values = adv._stage1_table(g)
+  table, ids, num_values = g2rpo_lib._stage1_table(g)
   used = [((n - 1) * g + lo) * g + m - 1 for n in range(1, g + 1) for lo in range(n)
           for m in range(1, n - lo + 1)]
   values, value_ids = table[used], ids[used]

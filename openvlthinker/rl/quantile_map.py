@@ -1,0 +1,160 @@
+"""The Gaussian quantile map Q of REFERENCE §3, applied inside every segment of a flat batch.
+
+One lexsort by (segment, value), run bounds from cumsums and scatters, and run means of
+Φ⁻¹((k + 0.5) / N) summed by distance-only doubling, so that a result depends only on its (rank, tie
+run, segment size), bit for bit. `sorted_run_means` is also the last step of G²RPO's sort-free path.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+# Rows that do not count sort after every real segment under this key.
+_INVALID_SEGMENT = np.iinfo(np.int32).max
+
+
+def as_batch(name: str, x, dtype, batch: int | None = None) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.ndim != 1:
+    raise ValueError(f"{name}: expected a 1-D array [B], got shape {x.shape}")
+  if batch is not None and x.shape[0] != batch:
+    raise ValueError(f"{name}: expected shape ({batch},) like the rewards/values, got {x.shape}")
+  return x.astype(dtype)
+
+
+def _order_preserving_int(x: jax.Array) -> jax.Array:
+  """int32 keys with the order of float32 x, and -0.0 and 0.0 mapped to one key."""
+  bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _mirrored_normal_quantiles(rank: jax.Array, size: jax.Array) -> jax.Array:
+  """Φ⁻¹((rank + 0.5) / size) for int32 rank < size, as float32.
+
+  Evaluated on the nearer tail and negated for the upper half, so q[size-1-k] == -q[k] bitwise and
+  the median is exactly 0. This also keeps full float32 accuracy in the upper tail, where
+  (rank + 0.5) / size itself would round to a multiple of 2^-24 near 1.
+  """
+  mirror = size - 1 - rank
+  k = jnp.minimum(rank, mirror)
+  # (2k + 1) / (2n) is one correctly rounded division of exact integers: equal rationals p from
+  # different segment sizes give the same float32 p, hence the same quantile bits.
+  p = (2 * k + 1).astype(jnp.float32) / (2 * size).astype(jnp.float32)
+  q = jax.scipy.special.ndtri(p)
+  return jnp.where(rank < mirror, q, jnp.where(rank > mirror, -q, 0.0))
+
+
+def _run_bounds(start_flag: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """First and last position of each row's run, int32[B] each, from flags marking run starts.
+
+  Runs are numbered by a cumsum of the flags; one scatter records where each run starts, and run
+  r ends where run r + 1 starts (XLA:CPU does this about twice as fast as cummax + cummin).
+  """
+  b = start_flag.shape[0]
+  run = jnp.cumsum(start_flag.astype(jnp.int32)) - 1
+  starts = jnp.full((b + 1,), b, jnp.int32)  # runs that do not exist start at b
+  starts = starts.at[jnp.where(start_flag, run, b + 1)].set(pos, mode="drop")
+  return starts[run], starts[run + 1] - 1
+
+
+def _run_prefix_sums(x: jax.Array, dist: jax.Array, from_right: jax.Array) -> jax.Array:
+  """Sums of x over [anchor, i] within runs of equal keys, by Hillis-Steele doubling.
+
+  dist[i] is i's distance from its run's anchor: the run start, or the run end where from_right.
+  Step d adds the partial sum d places towards the anchor; every element's summation tree thus
+  depends only on its distance, so identical runs anywhere in the batch give identical bits (a
+  global cumsum or an associative_scan, whose trees depend on absolute positions, would not).
+  """
+  max_dist = jnp.max(dist)
+
+  def cond(carry):
+    _, d = carry
+    return d <= max_dist
+
+  def body(carry):
+    acc, d = carry
+    from_left_nb = jnp.roll(acc, d)  # acc[i - d]; wrapped entries are masked by dist >= d.
+    from_right_nb = jnp.roll(acc, -d)  # acc[i + d]
+    step = jnp.where(from_right, from_right_nb, from_left_nb)
+    return acc + jnp.where(dist >= d, step, 0.0), d * 2
+
+  acc, _ = lax.while_loop(cond, body, (x, jnp.int32(1)))
+  return acc
+
+
+def sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Array:
+  """Q of every position of a batch laid out in (segment, value) order, float32[B].
+
+  Each argument is int32[B] / bool[B] per position: its segment's first and last position, its
+  tie run's first and last position, and whether it counts. The result at a position depends only
+  on (rank, run length, segment size), bit for bit (see `gaussian_quantile_map`).
+  """
+  b = seg_start.shape[0]
+  pos = jnp.arange(b, dtype=jnp.int32)
+  size = seg_end - seg_start + 1
+  last = size - 1  # rank k mirrors to last - k
+  lo = run_start - seg_start  # the run covers ranks [lo, hi]
+  hi = run_end - seg_start
+  q = _mirrored_normal_quantiles(pos - seg_start, size)
+
+  # A run's ranks that overlap its mirror image sum to exactly 0, so only the rest is summed:
+  # [lo, min(hi, last-hi-1)] for a run at or below the middle, [max(lo, last-lo+1), hi] above it,
+  # the latter as the mirror of a lower run (summed from the run end over -q). Exact zeros and
+  # exact mirror symmetry make mathematically tied stage-1 values bitwise tied in stage 2.
+  upper = lo + hi > last
+  # Ignored rows form one long run; distance 0 keeps them from lengthening the doubling loop.
+  dist = jnp.where(counted, jnp.where(upper, run_end - pos, pos - run_start), 0)
+  sums = _run_prefix_sums(jnp.where(upper, -q, q), dist, upper)
+  count = jnp.where(upper, hi - jnp.maximum(lo, last - lo + 1),
+                    jnp.minimum(hi, last - hi - 1) - lo)  # terms - 1; < 0 when nothing is left
+  at = jnp.clip(jnp.where(upper, run_end - count, run_start + count), 0, b - 1)
+  total = jnp.where(count >= 0, sums[at], 0.0)
+  mean = jnp.where(upper, -total, total) / (hi - lo + 1).astype(jnp.float32)
+
+  return jnp.where(counted, mean, 0.0)
+
+
+def gaussian_quantile_map(values, segment_ids, valid=None, num_segments: int | None = None):
+  """The Gaussian quantile map Q of REFERENCE §3, applied independently inside each segment.
+
+  Within a segment of N counted values, the value at rank k (0-based, ascending) targets
+  Φ⁻¹((k + 0.5) / N); tied values share the mean target of the ranks they occupy; N ≤ 1 gives 0.
+
+  Args:
+    values: float[B].
+    segment_ids: int[B], the segment of each row (any non-negative ints; they need not be sorted
+      or contiguous).
+    valid: optional bool[B]; rows with False get 0 and are not counted in any segment.
+    num_segments: optional static bound; ids outside [0, num_segments) then count as invalid,
+      as in `jax.ops.segment_sum`.
+
+  Returns:
+    float32[B]. Results depend only on each row's (rank, tie-run length, segment size), bit for
+    bit: segments holding the same multiset of values get identical outputs wherever they sit,
+    mathematically equal outputs (0, mirror images ±q) are bitwise equal, and Q(-x) == -Q(x).
+  """
+  values = as_batch("values", values, jnp.float32)
+  b = values.shape[0]
+  segment_ids = as_batch("segment_ids", segment_ids, jnp.int32, b)
+  valid = jnp.ones((b,), bool) if valid is None else as_batch("valid", valid, bool, b)
+  if b == 0:
+    return jnp.zeros((0,), jnp.float32)
+  if num_segments is not None:
+    valid &= (segment_ids >= 0) & (segment_ids < num_segments)
+
+  seg = jnp.where(valid, segment_ids, _INVALID_SEGMENT)
+  key = _order_preserving_int(jnp.where(valid, values, 0.0))
+  pos = jnp.arange(b, dtype=jnp.int32)
+  # The lexsort by (segment, value). Integer keys compare faster than floats under XLA's total
+  # order, and stability is not needed: tied rows all receive their run's mean.
+  seg_s, val_s, perm = lax.sort((seg, key, pos), num_keys=2, is_stable=False)
+
+  first = jnp.ones((1,), bool)
+  seg_flag = jnp.concatenate([first, seg_s[1:] != seg_s[:-1]])
+  run_flag = seg_flag | jnp.concatenate([first, val_s[1:] != val_s[:-1]])
+  seg_start, seg_end = _run_bounds(seg_flag, pos)
+  run_start, run_end = _run_bounds(run_flag, pos)
+
+  out_sorted = sorted_run_means(seg_start, seg_end, run_start, run_end,
+                                 seg_s != _INVALID_SEGMENT)
+  return jnp.zeros((b,), jnp.float32).at[perm].set(out_sorted, unique_indices=True)
