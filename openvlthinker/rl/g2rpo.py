@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from openvlthinker.rl.quantile_map import as_batch, gaussian_quantile_map, sorted_run_means
+from openvlthinker.rl.quantile_map import (as_batch, gaussian_quantile_map, mirror_split,
+                                           mirrored_normal_quantiles)
 
 
 def estimator_inputs(rewards, group_ids, task_ids, valid):
@@ -115,12 +116,6 @@ def _table_entries(rewards, group_ids, valid, group_size: int) -> jax.Array:
   return acc.reshape(-1) - g * g - 1
 
 
-def _scan(op, x: jax.Array) -> jax.Array:
-  # The counting sort's scans: jnp.cumsum / lax.cummax measured ~4x slower alone on XLA:CPU at
-  # 4096 rows (inside the sorted path's fusions, cumsum measured faster, so it keeps it).
-  return lax.associative_scan(op, x)
-
-
 def _blocked_g2rpo(task_ids, valid, entry, group_size: int, num_tasks: int | None,
                    stages: int):
   """`_sorted_g2rpo` for batches where every group lies inside one block of `group_size` rows and
@@ -138,18 +133,51 @@ def _blocked_g2rpo(task_ids, valid, entry, group_size: int, num_tasks: int | Non
   num_bins = num_tasks * num_values
   bins = jnp.where(valid, task_ids * num_values + jnp.asarray(ids)[entry], num_bins)
   counts = jax.ops.segment_sum(valid.astype(jnp.int32), bins, num_segments=num_bins)
-  bin_start = _scan(jnp.add, counts) - counts
-  task_count = counts.reshape(num_tasks, num_values).sum(1)
-  task_start = jnp.cumsum(task_count) - task_count  # a handful of tasks: no scan needed
-  marks = jnp.zeros((b,), jnp.int32).at[jnp.where(counts > 0, bin_start, b)].set(
-      jnp.arange(num_bins, dtype=jnp.int32), mode="drop")
-  bin_at = _scan(jnp.maximum, marks)  # the bin of every position
-  task_at = bin_at // num_values
-  seg_start, run_start = task_start[task_at], bin_start[bin_at]
-  means = sorted_run_means(seg_start, seg_start + task_count[task_at] - 1,
-                            run_start, run_start + counts[bin_at] - 1,
-                            jnp.arange(b) < jnp.sum(counts))
-  return jnp.where(valid, means[bin_start[jnp.minimum(bins, num_bins - 1)]], 0.0)
+  # One past each bin's last position (XLA:CPU runs jnp.cumsum as a quadratic windowed reduce).
+  bin_end = lax.associative_scan(jnp.add, counts)
+  bin_start = bin_end - counts
+  task_first, task_end = bin_start[::num_values], bin_end[num_values - 1::num_values]
+  # Every position's quantile from its rank in its task. Tasks are contiguous ranges of
+  # positions, a handful: one select per task boundary finds a position's (no gather).
+  pos = jnp.arange(b, dtype=jnp.int32)
+  first, end = task_first[0], task_end[0]
+  for t in range(1, num_tasks):
+    past = pos >= task_end[t - 1]
+    first, end = jnp.where(past, task_first[t], first), jnp.where(past, task_end[t], end)
+  q = jnp.where(pos < bin_end[-1], mirrored_normal_quantiles(pos - first, end - first), 0.0)
+  # Per bin, the sum of its ranks that do not cancel against their mirror image, then its mean.
+  per_bin = lambda per_task: jnp.repeat(per_task, num_values)
+  upper, terms = mirror_split(per_bin(task_first), per_bin(task_end) - 1, bin_start, bin_end - 1)
+  sums = _run_sums(q, jnp.where(upper, bin_end - 1, bin_start), jnp.maximum(terms + 1, 0), upper)
+  row_bin = jnp.minimum(bins, num_bins - 1)
+  return jnp.where(valid, sums[row_bin] / counts[row_bin].astype(jnp.float32), 0.0)
+
+
+def _run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array) -> jax.Array:
+  """Per run r, the sum of q[start[r]] and the n[r] - 1 positions after it (before it where
+  leftwards[r]), float32[R].
+
+  The run is cut into blocks of 2^m positions, the low bits of n first; block sums of 2d come from
+  those of d by one shifted add (doubling), so a block's sum is a balanced tree of its values.
+  A run's bits thus depend only on its values, and a mirrored run's are their exact negation: no
+  per-position bookkeeping of run bounds is needed.
+  """
+  b = q.shape[0]
+  longest = jnp.max(n)
+
+  def cond(carry):
+    return carry[-1] <= longest
+
+  def body(carry):
+    blocks, total, d = carry  # blocks[i]: the sum of q[i], …, q[i + d - 1]
+    done = n & (d - 1)  # positions the lower bits have covered
+    first = jnp.clip(jnp.where(leftwards, start - done - d + 1, start + done), 0, b - 1)
+    total = jnp.where((n & d) != 0, total + blocks[first], total)
+    # Blocks that would run past the end wrap around; no run reaches them.
+    return blocks + jnp.roll(blocks, -d), total, d * 2
+
+  _, total, _ = lax.while_loop(cond, body, (q, jnp.zeros(n.shape, q.dtype), jnp.int32(1)))
+  return total
 
 
 def _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size: int,

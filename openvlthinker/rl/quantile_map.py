@@ -2,7 +2,8 @@
 
 One lexsort by (segment, value), run bounds from cumsums and scatters, and run means of
 Φ⁻¹((k + 0.5) / N) summed by distance-only doubling, so that a result depends only on its (rank, tie
-run, segment size), bit for bit. `sorted_run_means` is also the last step of G²RPO's sort-free path.
+run, segment size), bit for bit. `mirrored_normal_quantiles` and `mirror_split` also serve G²RPO's
+sort-free path.
 """
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ def _order_preserving_int(x: jax.Array) -> jax.Array:
   return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _mirrored_normal_quantiles(rank: jax.Array, size: jax.Array) -> jax.Array:
+def mirrored_normal_quantiles(rank: jax.Array, size: jax.Array) -> jax.Array:
   """Φ⁻¹((rank + 0.5) / size) for int32 rank < size, as float32.
 
   Evaluated on the nearer tail and negated for the upper half, so q[size-1-k] == -q[k] bitwise and
@@ -82,7 +83,23 @@ def _run_prefix_sums(x: jax.Array, dist: jax.Array, from_right: jax.Array) -> ja
   return acc
 
 
-def sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Array:
+def mirror_split(seg_start, seg_end, run_start, run_end) -> tuple[jax.Array, jax.Array]:
+  """Which of a tie run's ranks are summed, elementwise over runs given by their positions.
+
+  A run's ranks that overlap its mirror image sum to exactly 0, so only the rest is summed:
+  [lo, min(hi, last-hi-1)] for a run at or below the middle, [max(lo, last-lo+1), hi] above it,
+  the latter as the mirror of a lower run (summed from the run end). Exact zeros and exact mirror
+  symmetry make mathematically tied stage-1 values bitwise tied in stage 2.
+  Returns (upper bool: sum from the run end; terms - 1, int32, < 0 when nothing is left).
+  """
+  last = seg_end - seg_start  # rank k mirrors to last - k
+  lo, hi = run_start - seg_start, run_end - seg_start  # the run covers ranks [lo, hi]
+  upper = lo + hi > last
+  terms = jnp.where(upper, hi - jnp.maximum(lo, last - lo + 1), jnp.minimum(hi, last - hi - 1) - lo)
+  return upper, terms
+
+
+def _sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Array:
   """Q of every position of a batch laid out in (segment, value) order, float32[B].
 
   Each argument is int32[B] / bool[B] per position: its segment's first and last position, its
@@ -91,25 +108,15 @@ def sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Arr
   """
   b = seg_start.shape[0]
   pos = jnp.arange(b, dtype=jnp.int32)
-  size = seg_end - seg_start + 1
-  last = size - 1  # rank k mirrors to last - k
-  lo = run_start - seg_start  # the run covers ranks [lo, hi]
-  hi = run_end - seg_start
-  q = _mirrored_normal_quantiles(pos - seg_start, size)
-
-  # A run's ranks that overlap its mirror image sum to exactly 0, so only the rest is summed:
-  # [lo, min(hi, last-hi-1)] for a run at or below the middle, [max(lo, last-lo+1), hi] above it,
-  # the latter as the mirror of a lower run (summed from the run end over -q). Exact zeros and
-  # exact mirror symmetry make mathematically tied stage-1 values bitwise tied in stage 2.
-  upper = lo + hi > last
+  q = mirrored_normal_quantiles(pos - seg_start, seg_end - seg_start + 1)
+  upper, count = mirror_split(seg_start, seg_end, run_start, run_end)
+  # Upper runs sum -q from their end, the mirror image of a lower run's sum.
   # Ignored rows form one long run; distance 0 keeps them from lengthening the doubling loop.
   dist = jnp.where(counted, jnp.where(upper, run_end - pos, pos - run_start), 0)
   sums = _run_prefix_sums(jnp.where(upper, -q, q), dist, upper)
-  count = jnp.where(upper, hi - jnp.maximum(lo, last - lo + 1),
-                    jnp.minimum(hi, last - hi - 1) - lo)  # terms - 1; < 0 when nothing is left
   at = jnp.clip(jnp.where(upper, run_end - count, run_start + count), 0, b - 1)
   total = jnp.where(count >= 0, sums[at], 0.0)
-  mean = jnp.where(upper, -total, total) / (hi - lo + 1).astype(jnp.float32)
+  mean = jnp.where(upper, -total, total) / (run_end - run_start + 1).astype(jnp.float32)
 
   return jnp.where(counted, mean, 0.0)
 
@@ -155,6 +162,6 @@ def gaussian_quantile_map(values, segment_ids, valid=None, num_segments: int | N
   seg_start, seg_end = _run_bounds(seg_flag, pos)
   run_start, run_end = _run_bounds(run_flag, pos)
 
-  out_sorted = sorted_run_means(seg_start, seg_end, run_start, run_end,
+  out_sorted = _sorted_run_means(seg_start, seg_end, run_start, run_end,
                                  seg_s != _INVALID_SEGMENT)
   return jnp.zeros((b,), jnp.float32).at[perm].set(out_sorted, unique_indices=True)
