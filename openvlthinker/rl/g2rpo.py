@@ -187,12 +187,14 @@ def _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size: int,
   layout; other blocked layouts take the sorted path too), every valid task id is below
   num_tasks (when given) and no valid reward is NaN (the sort orders NaN, the comparisons of
   `_table_entries` do not). Elementwise and one reduction: no scatter, no sort."""
-  blocks = group_ids.reshape(-1, group_size)
-  fits = jnp.all(group_ids[1:] >= group_ids[:-1]) & jnp.all(blocks[1:, 0] != blocks[:-1, -1])
+  row = jnp.arange(group_ids.shape[0])
+  previous = jnp.concatenate([group_ids[:1], group_ids[:-1]])  # row 0 compares with itself
+  inside_block = (row % group_size != 0) | (row == 0)
   ok = ~jnp.isnan(rewards)
   if num_tasks is not None:
     ok &= task_ids < num_tasks
-  return fits & jnp.all(~valid | ok)
+  row_fits = (group_ids >= previous) & (inside_block | (group_ids != previous))
+  return jnp.all(row_fits & (~valid | ok))
 
 
 def _with_blocked_fast_path(rewards, group_ids, task_ids, valid, group_size, num_tasks, stages):
