@@ -296,13 +296,13 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
                      tokens=col(s.tokens, token), logprobs=col(s.logprobs, logp),
                      entropies=col(s.entropies, ent))
 
-  # Every step's rotary tables, built before the loop: inside it XLA would fuse sin and cos into
-  # each consumer and evaluate them per head and per use (~10% of a step). Column t is the
-  # position step t feeds, the last prompt position + t.
-  step_rope = model.decoder.rope_tables(repeat(positions[:, -1:]) + jnp.arange(lr))
+  # Rotary tables of every position a step can feed (< Lb + Lr), built before the loop; a step
+  # gathers its rows. Inside the loop XLA would fuse sin and cos into each consumer and evaluate
+  # them per head and per use (~10% of a step).
+  rope_table = model.decoder.rope_tables(jnp.arange(lb + lr))  # [Lb + Lr, 1, H / 2] each
 
   def body(s: _Loop) -> _Loop:
-    rope = tuple(jax.lax.dynamic_slice_in_dim(x, s.step, 1, axis=1) for x in step_rope)
+    rope = tuple(x[s.position][:, None] for x in rope_table)  # [B, 1, 1, H / 2]
     logits, cache = model(s.token[:, None], s.position[:, None], None, s.cache, rope=rope)
     return record(s.replace(cache=cache), logits[:, 0])
 
