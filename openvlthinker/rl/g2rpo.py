@@ -205,8 +205,12 @@ def _with_blocked_fast_path(rewards, group_ids, task_ids, valid, group_size, num
     return _sorted_g2rpo(rewards, group_ids, task_ids, valid, stages)
   fits = _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size,
                               num_tasks if stages == 2 else None)
-  entry = _table_entries(rewards, group_ids, valid, group_size)
-  args = (rewards, group_ids, task_ids, valid, entry)
-  # The hints are checked, not trusted: a batch that does not fit takes the sorted path.
-  fast = lambda r, g, t, v, e: _blocked_g2rpo(t, v, e, group_size, num_tasks, stages)
-  return lax.cond(fits, fast, lambda r, g, t, v, _: _sorted_g2rpo(r, g, t, v, stages), *args)
+
+  def fast(r, g, t, v):
+    return _blocked_g2rpo(t, v, _table_entries(r, g, v, group_size), group_size, num_tasks,
+                          stages)
+
+  # The hints are checked, not trusted: a batch that does not fit takes the sorted path. The
+  # table entries are computed inside the fast branch, where XLA fuses them with their consumers.
+  return lax.cond(fits, fast, lambda r, g, t, v: _sorted_g2rpo(r, g, t, v, stages),
+                  rewards, group_ids, task_ids, valid)
