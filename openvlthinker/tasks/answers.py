@@ -7,6 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from openvlthinker.tasks import render
+from openvlthinker.tasks.base import Example
+
 LETTERS = "ABCDEFGHIJ"
 MAX_DIFFICULTY = 3
 
@@ -71,3 +74,27 @@ def build_scene(builders: dict, kind: str, rng: np.random.Generator, difficulty:
       return built
   raise RuntimeError(f"{task}/{kind}: no unambiguous scene in {tries} draws "
                      f"(difficulty {difficulty}, image_size {image_size})")
+
+
+def shape_scene_example(task_type: str, kind: str, image_size: int, shapes, question: str,
+                        options: tuple[str, ...], answer: str, thinking: str,
+                        problem_type: str) -> Example:
+  """The Example of a question about a drawn scene of flat shapes (general VQA, spatial reasoning).
+
+  meta["scene"] spells the whole draw (shapes, question, options): the split hashes it, and equal
+  scenes must land in the same split. meta["shapes"] lets tests recover the answer from pixels.
+  """
+  return Example(
+      images=(render.render_shapes(image_size, shapes),),
+      question=question,
+      answer=answer,
+      problem_type=problem_type,
+      task_type=task_type,
+      options=options,
+      reasoning=respond(thinking, answer),
+      meta={
+          "scene": repr([(s.kind, s.color, s.box) for s in shapes] + [question, options]),
+          "kind": kind,
+          "shapes": [(s.kind, s.color, list(s.box)) for s in shapes],
+      },
+  )

@@ -105,19 +105,7 @@ _BUILDERS = {"color": _color, "shape": _shape, "count": _count, "odd": _odd}
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One attribute question (colour, shape, count or odd one out) with 4 options."""
   kind = answers.pick(rng, _KINDS)
-  built = answers.build_scene(_BUILDERS, kind, rng, difficulty, image_size, "general_vqa")
-  shapes, question, options, letter, thinking = built
-  return Example(
-      images=(render.render_shapes(image_size, shapes),),
-      question=question,
-      answer=letter,
-      problem_type="multiple choice",
-      task_type="general_vqa",
-      options=options,
-      reasoning=answers.respond(thinking, letter),
-      meta={
-          "scene": repr([(s.kind, s.color, s.box) for s in shapes] + [question, options]),
-          "kind": kind,
-          "shapes": [(s.kind, s.color, list(s.box)) for s in shapes],
-      },
-  )
+  shapes, question, options, letter, thinking = answers.build_scene(
+      _BUILDERS, kind, rng, difficulty, image_size, "general_vqa")
+  return answers.shape_scene_example("general_vqa", kind, image_size, shapes, question, options,
+                                     letter, thinking, "multiple choice")

@@ -155,19 +155,7 @@ _BUILDERS = {"relation": _relation, "nearest": _nearest, "bigger": _bigger, "cou
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One relation question about a scene of named shapes."""
   kind = answers.pick(rng, _KINDS)
-  built = answers.build_scene(_BUILDERS, kind, rng, difficulty, image_size, "spatial_reasoning")
-  shapes, question, options, answer, thinking, problem_type = built
-  return Example(
-      images=(render.render_shapes(image_size, shapes),),
-      question=question,
-      answer=answer,
-      problem_type=problem_type,
-      task_type="spatial_reasoning",
-      options=options,
-      reasoning=answers.respond(thinking, answer),
-      meta={
-          "scene": repr([(s.kind, s.color, s.box) for s in shapes] + [question, options]),
-          "kind": kind,
-          "shapes": [(s.kind, s.color, list(s.box)) for s in shapes],
-      },
-  )
+  shapes, question, options, answer, thinking, problem_type = answers.build_scene(
+      _BUILDERS, kind, rng, difficulty, image_size, "spatial_reasoning")
+  return answers.shape_scene_example("spatial_reasoning", kind, image_size, shapes, question,
+                                     options, answer, thinking, problem_type)
