@@ -13,7 +13,7 @@ from jax import lax
 import numpy as np
 
 from openvlthinker.rl.quantile_map import (as_batch, gaussian_quantile_map, mirror_split,
-                                           mirrored_normal_quantiles)
+                                           mirrored_normal_quantiles, run_sums)
 
 
 def estimator_inputs(rewards, group_ids, task_ids, valid):
@@ -148,36 +148,9 @@ def _blocked_g2rpo(task_ids, valid, entry, group_size: int, num_tasks: int | Non
   # Per bin, the sum of its ranks that do not cancel against their mirror image, then its mean.
   per_bin = lambda per_task: jnp.repeat(per_task, num_values)
   upper, terms = mirror_split(per_bin(task_first), per_bin(task_end) - 1, bin_start, bin_end - 1)
-  sums = _run_sums(q, jnp.where(upper, bin_end - 1, bin_start), jnp.maximum(terms + 1, 0), upper)
+  sums = run_sums(q, jnp.where(upper, bin_end - 1, bin_start), jnp.maximum(terms + 1, 0), upper)
   row_bin = jnp.minimum(bins, num_bins - 1)
   return jnp.where(valid, sums[row_bin] / counts[row_bin].astype(jnp.float32), 0.0)
-
-
-def _run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array) -> jax.Array:
-  """Per run r, the sum of q[start[r]] and the n[r] - 1 positions after it (before it where
-  leftwards[r]), float32[R].
-
-  The run is cut into blocks of 2^m positions, the low bits of n first; block sums of 2d come from
-  those of d by one shifted add (doubling), so a block's sum is a balanced tree of its values.
-  A run's bits thus depend only on its values, and a mirrored run's are their exact negation: no
-  per-position bookkeeping of run bounds is needed.
-  """
-  b = q.shape[0]
-  longest = jnp.max(n)
-
-  def cond(carry):
-    return carry[-1] <= longest
-
-  def body(carry):
-    blocks, total, d = carry  # blocks[i]: the sum of q[i], …, q[i + d - 1]
-    done = n & (d - 1)  # positions the lower bits have covered
-    first = jnp.clip(jnp.where(leftwards, start - done - d + 1, start + done), 0, b - 1)
-    total = jnp.where((n & d) != 0, total + blocks[first], total)
-    # Blocks that would run past the end wrap around; no run reaches them.
-    return blocks + jnp.roll(blocks, -d), total, d * 2
-
-  _, total, _ = lax.while_loop(cond, body, (q, jnp.zeros(n.shape, q.dtype), jnp.int32(1)))
-  return total
 
 
 def _blocked_layout_fits(rewards, group_ids, task_ids, valid, group_size: int,

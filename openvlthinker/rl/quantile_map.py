@@ -58,29 +58,31 @@ def _run_bounds(start_flag: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.A
   return starts[run], starts[run + 1] - 1
 
 
-def _run_prefix_sums(x: jax.Array, dist: jax.Array, from_right: jax.Array) -> jax.Array:
-  """Sums of x over [anchor, i] within runs of equal keys, by Hillis-Steele doubling.
+def run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array) -> jax.Array:
+  """Per run r, the sum of q[start[r]] and the n[r] - 1 positions after it (before it where
+  leftwards[r]), float32[R].
 
-  dist[i] is i's distance from its run's anchor: the run start, or the run end where from_right.
-  Step d adds the partial sum d places towards the anchor; every element's summation tree thus
-  depends only on its distance, so identical runs anywhere in the batch give identical bits (a
-  global cumsum or an associative_scan, whose trees depend on absolute positions, would not).
+  The run is cut into blocks of 2^m positions, the low bits of n first; block sums of 2d come from
+  those of d by one shifted add (doubling), so a block's sum is a balanced tree of its values.
+  A run's bits thus depend only on its values, and a mirrored run's are their exact negation: no
+  per-position bookkeeping of run bounds is needed.
   """
-  max_dist = jnp.max(dist)
+  b = q.shape[0]
+  longest = jnp.max(n)
 
   def cond(carry):
-    _, d = carry
-    return d <= max_dist
+    return carry[-1] <= longest
 
   def body(carry):
-    acc, d = carry
-    from_left_nb = jnp.roll(acc, d)  # acc[i - d]; wrapped entries are masked by dist >= d.
-    from_right_nb = jnp.roll(acc, -d)  # acc[i + d]
-    step = jnp.where(from_right, from_right_nb, from_left_nb)
-    return acc + jnp.where(dist >= d, step, 0.0), d * 2
+    blocks, total, d = carry  # blocks[i]: the sum of q[i], …, q[i + d - 1]
+    done = n & (d - 1)  # positions the lower bits have covered
+    first = jnp.clip(jnp.where(leftwards, start - done - d + 1, start + done), 0, b - 1)
+    total = jnp.where((n & d) != 0, total + blocks[first], total)
+    # Blocks that would run past the end wrap around; no run reaches them.
+    return blocks + jnp.roll(blocks, -d), total, d * 2
 
-  acc, _ = lax.while_loop(cond, body, (x, jnp.int32(1)))
-  return acc
+  _, total, _ = lax.while_loop(cond, body, (q, jnp.zeros(n.shape, q.dtype), jnp.int32(1)))
+  return total
 
 
 def mirror_split(seg_start, seg_end, run_start, run_end) -> tuple[jax.Array, jax.Array]:
@@ -109,16 +111,12 @@ def _sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Ar
   b = seg_start.shape[0]
   pos = jnp.arange(b, dtype=jnp.int32)
   q = mirrored_normal_quantiles(pos - seg_start, seg_end - seg_start + 1)
-  upper, count = mirror_split(seg_start, seg_end, run_start, run_end)
-  # Upper runs sum -q from their end, the mirror image of a lower run's sum.
-  # Ignored rows form one long run; distance 0 keeps them from lengthening the doubling loop.
-  dist = jnp.where(counted, jnp.where(upper, run_end - pos, pos - run_start), 0)
-  sums = _run_prefix_sums(jnp.where(upper, -q, q), dist, upper)
-  at = jnp.clip(jnp.where(upper, run_end - count, run_start + count), 0, b - 1)
-  total = jnp.where(count >= 0, sums[at], 0.0)
-  mean = jnp.where(upper, -total, total) / (run_end - run_start + 1).astype(jnp.float32)
-
-  return jnp.where(counted, mean, 0.0)
+  upper, terms = mirror_split(seg_start, seg_end, run_start, run_end)
+  # Upper runs are summed from their end, the mirror image of a lower run's sum. Ignored rows
+  # form one long run; 0 terms keep them from lengthening the doubling loop.
+  n = jnp.where(counted, jnp.maximum(terms + 1, 0), 0)
+  total = run_sums(q, jnp.where(upper, run_end, run_start), n, upper)
+  return jnp.where(counted, total / (run_end - run_start + 1).astype(jnp.float32), 0.0)
 
 
 def gaussian_quantile_map(values, segment_ids, valid=None, num_segments: int | None = None):
