@@ -32,8 +32,9 @@ def matched(c):
   c.model.update(vocab_size=1024, width=256, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=64, mlp_dim=1024, dtype="float32")
   c.model.vision.enabled = False
-  c.rl.update(prompts_per_step=8, group_size=8, max_new_tokens=64, kl_coef=0.0,
-              updates_per_rollout=1, micro_batch_size=64)
+  c.rl.update(prompts_per_step=8, group_size=8, updates_per_rollout=1, micro_batch_size=64)
+  c.rl.sampler.max_new_tokens = 64
+  c.rl.loss.kl_coef = 0.0
   c.rl.filter.enabled = False
   c.data.prompt_buckets = (64,)
   return c
@@ -89,7 +90,7 @@ def main(argv):
   out.update({f"{k}_min": round(min(r[k] for r in rows), 4) for k in ("step_s",)})
   out.update({f"{k}_max": round(max(r[k] for r in rows), 4) for k in ("step_s",)})
   out.update(matched=_MATCHED.value, steps=len(rows), rows_per_step=c.rl.prompts_per_step *
-             c.rl.group_size, max_new_tokens=c.rl.max_new_tokens,
+             c.rl.group_size, max_new_tokens=c.rl.sampler.max_new_tokens,
              generated_tokens_per_step=statistics.median(r["generated_tokens"] for r in rows))
   print(json.dumps(out))
 

@@ -166,18 +166,24 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--matched", action="store_true")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--scan_layers", action=argparse.BooleanOptionalAction, default=False,
+                      help="the decoder's layers under one scan (the pod layout) instead of a "
+                      "loop over per-layer weights (the CPU configs' layout)")
   parser.add_argument("--nocache_steps", type=int, default=8,
                       help="steps timed for the no-cache baseline (each costs the same)")
   args = parser.parse_args()
   new_tokens = 64
   if args.matched:
     cfg = VLMConfig(text=DecoderConfig(vocab_size=1024, width=256, num_layers=4, num_heads=4,
-                                       num_kv_heads=2, head_dim=64, mlp_dim=1024),
+                                       num_kv_heads=2, head_dim=64, mlp_dim=1024,
+                                       scan_layers=args.scan_layers),
                     vision=None)
     runs = {"": (8, 8), "_64_distinct": (64, 1)}
     prompt_len = 64
   else:
-    cfg = vlm_config(default_config.get_config().model)
+    c = default_config.get_config()
+    c.model.scan_layers = args.scan_layers
+    cfg = vlm_config(c.model)
     runs = {"": (8, 8)}
     prompt_len = cfg.num_image_tokens + 48
   graphdef, state = nnx.split(build_model(cfg, seed=0))
@@ -200,7 +206,8 @@ def main():
     out[f"batch{suffix}"] = f"{prompts} prompts x {group} samples"
   if args.matched:
     out["tokens_per_s"] = out["matched_tokens_per_s"]
-  out.update(mode="matched" if args.matched else "default", prompt_tokens=prompt_len,
+  out.update(mode="matched" if args.matched else "default", scan_layers=args.scan_layers,
+             prompt_tokens=prompt_len,
              new_tokens=new_tokens, repeats=args.repeats, nocache_steps=args.nocache_steps,
              load_avg_1min=(round(load_before, 2), round(os.getloadavg()[0], 2)),
              cpus=os.cpu_count(), backend=jax.default_backend(),

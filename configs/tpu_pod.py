@@ -23,8 +23,8 @@ def get_config(arg=None):
                 max_images=4, worker_count=8)
   c.sft.steps = 0
   c.rl.update(steps=1000, prompts_per_step=512, group_size=8, updates_per_rollout=4,
-              micro_batch_size=256, learning_rate=2e-6, weight_decay=0.01, max_new_tokens=2048,
-              temperature=1.0, top_p=1.0)
+              micro_batch_size=256, learning_rate=2e-6, weight_decay=0.01)
+  c.rl.sampler.update(max_new_tokens=2048, temperature=1.0, top_p=1.0)
   c.eval.update(every=50, num_per_task=256, batch_size=512, max_new_tokens=2048)
   c.checkpoint.update(every=25, keep=3)
   c.progress_bar = False

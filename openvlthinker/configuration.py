@@ -3,14 +3,22 @@
 `configs/*.py` start from `base_config()` and change values; because the schema is locked, a
 misspelled field is an error, and `validate` checks values before anything compiles, raising a
 `ConfigError` whose one-line message names the field and what was expected.
+
+The `rl.loss`, `rl.sampler` and `rl.entropy` sections are shaped like the dataclasses they build
+(`PolicyLossConfig(**c.rl.loss)`, …; `build_*` below, used by the trainer too): their defaults
+and their field rules come from those dataclasses, so each lives in one place. This module checks
+only what spans sections (batch arithmetic, the mesh).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import ml_collections
 
 from openvlthinker import sharding, taxonomy
+from openvlthinker.fields import FieldError, positive_int
+from openvlthinker.rl import losses, shaping
 
 
 class ConfigError(ValueError):
@@ -21,6 +29,13 @@ def _per_task(value) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({t: value for t in taxonomy.TASK_TYPES})
 
 
+def _defaults(cls, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """A config section of a dataclass's fields with its defaults."""
+  return ml_collections.ConfigDict({
+      f.name: f.default for f in dataclasses.fields(cls)
+      if f.name not in exclude and f.default is not dataclasses.MISSING})
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -28,9 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = tuple((k, v) for k, v in sharding.DEFAULT_RULES)
 
   c.model = ml_collections.ConfigDict(dict(
+      name="vlm",                # the model family (models.registry)
       vocab_size=1024, width=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
       mlp_dim=1024, rope_theta=10_000.0, tie_embeddings=True, dtype="float32",
-      param_dtype="float32", remat=False, image_token_id=3, merge_patches=True,
+      param_dtype="float32", remat=False, scan_layers=True, image_token_id=3, merge_patches=True,
       prefix_full_attention=False))
   c.model.vision = ml_collections.ConfigDict(dict(
       enabled=True, image_size=64, patch_size=8, width=128, num_layers=2, num_heads=4,
@@ -57,23 +73,29 @@ def base_config() -> ml_collections.ConfigDict:
       share_prompt_forward=True,  # run each prompt once per group in the update (exact).
       learning_rate=2e-5, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0,
       advantage="g2rpo",         # any name in rl.advantages' registry.
-      advantage_task_key="task_type",  # 'task_type' or 'problem_type' (the public code's key).
-      policy_loss="ppo_dual_clip",
-      clip_low=0.2, clip_high=0.3, dual_clip=3.0, log_ratio_clamp=20.0,
-      aggregation="token_mean",  # 'token_mean' | 'seq_mean_token_mean' | 'fixed_denominator'.
-      kl_coef=0.0,               # k3 KL to the initial (reference) policy; 0 = off, as the paper.
-      temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96,
-      decode_phases=4))          # the sampler's decode loop grows its cache in this many phases.
+      advantage_task_key="task_type"))  # 'task_type' or 'problem_type' (the public code's key).
+  # losses.PolicyLossConfig: name, clip_low/high, dual_clip, log_ratio_clamp, aggregation, kl_coef
+  # (k3 KL to the initial policy; 0 = off, as the paper). fixed_length = sampler.max_new_tokens.
+  c.rl.loss = _defaults(losses.PolicyLossConfig, exclude=("fixed_length", "num_tasks"))
+  # sampler.SamplerConfig: stop and pad tokens come from the tokenizer, buckets from data.
+  c.rl.sampler = ml_collections.ConfigDict(dict(
+      max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
+      decode_phases=4))          # the decode loop grows its cache in this many phases.
   c.rl.filter = ml_collections.ConfigDict(dict(enabled=True, low=0.01, high=0.99, max_tries=3))
   # Length shaping: static thresholds below, or adaptive ones (quantiles of the lengths of correct
   # responses, rl/shaping.py) that start from them.
   c.rl.length = ml_collections.ConfigDict(dict(enabled=False, weight=0.1, adaptive=True,
                                                decay=0.9, min_count=16.0))
-  c.rl.length.thresholds = _per_task((8, 24, 72, 96))  # (L_min, L_low, L_high, L_max) tokens.
-  c.rl.entropy = ml_collections.ConfigDict(dict(
-      enabled=False, coef=0.02, estimator="exact"))  # 'exact' or 'sampled_token' (-log π(y)).
-  c.rl.entropy.h_min = _per_task(0.2)
-  c.rl.entropy.h_max = _per_task(0.6)
+  # (L_min, L_low, L_high, L_max) tokens: each task's declaration (paper scale; the small
+  # configs set their own).
+  c.rl.length.thresholds = ml_collections.ConfigDict(dict(taxonomy.LENGTH_THRESHOLDS))
+  # shaping.EntropyShapingConfig; estimator 'exact' or 'sampled_token' (-log π(y)); bounds per task
+  # from the task declarations.
+  c.rl.entropy = _defaults(shaping.EntropyShapingConfig, exclude=("h_min", "h_max", "num_tasks"))
+  c.rl.entropy.h_min = ml_collections.ConfigDict(
+      {t: lo for t, (lo, _) in taxonomy.ENTROPY_BOUNDS.items()})
+  c.rl.entropy.h_max = ml_collections.ConfigDict(
+      {t: hi for t, (_, hi) in taxonomy.ENTROPY_BOUNDS.items()})
 
   c.eval = ml_collections.ConfigDict(dict(every=20, num_per_task=32, batch_size=64,
                                           max_new_tokens=96))
@@ -83,15 +105,38 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# ------------------------------------------------------------ the dataclasses the sections build
+
+def build_loss(c) -> losses.PolicyLossConfig:
+  return losses.PolicyLossConfig(**c.rl.loss, fixed_length=c.rl.sampler.max_new_tokens)
+
+
+def build_sampler(c, *, stop_tokens=(2,), pad_id: int = 0, greedy: bool = False,
+                  max_new_tokens: int | None = None):
+  from openvlthinker.sampler import SamplerConfig  # pylint: disable=g-import-not-at-top
+  fields = dict(c.rl.sampler)
+  if max_new_tokens is not None:
+    fields["max_new_tokens"] = max_new_tokens
+  return SamplerConfig(**fields, stop_tokens=tuple(stop_tokens), pad_id=pad_id, greedy=greedy,
+                       prompt_buckets=tuple(c.data.prompt_buckets))
+
+
+def build_entropy(c) -> shaping.EntropyShapingConfig:
+  e = c.rl.entropy
+  return shaping.EntropyShapingConfig(**{k: v for k, v in e.items() if k not in ("h_min", "h_max")},
+                                      h_min=dict(e.h_min), h_max=dict(e.h_max))
+
+
+def build_model_config(c):
+  from openvlthinker.models.build import vlm_config  # pylint: disable=g-import-not-at-top
+  return vlm_config(c.model)
+
+
+# ------------------------------------------------------------------------------- validation
+
 def _check(cond: bool, field: str, expected: str, got: Any):
   if not cond:
     raise ConfigError(f"{field}: expected {expected}, got {got!r}")
-
-
-def _positive(c, field: str):
-  value = _get(c, field)
-  _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
-         "a positive integer", value)
 
 
 def _get(c, field: str):
@@ -101,6 +146,15 @@ def _get(c, field: str):
   return node
 
 
+def _positive(c, field: str):
+  _check(positive_int(_get(c, field)), field, "a positive integer", _get(c, field))
+
+
+def _choice(c, field: str, choices):
+  value = _get(c, field)
+  _check(value in choices, field, f"one of {tuple(choices)}", value)
+
+
 _CHECKS: list[Callable[[ml_collections.ConfigDict], None]] = []
 
 
@@ -108,6 +162,14 @@ def check(fn):
   """Registers a validation rule; rules run in registration order."""
   _CHECKS.append(fn)
   return fn
+
+
+def _built(prefix: str, build: Callable[[], Any]) -> Any:
+  """`build()`, with a FieldError it raises reported under the config path `prefix`."""
+  try:
+    return build()
+  except FieldError as e:
+    raise ConfigError(str(e.under(prefix))) from None
 
 
 @check
@@ -121,41 +183,10 @@ def _mesh(c):
 
 @check
 def _model(c):
-  m = c.model
-  for f in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-            "mlp_dim"):
-    _positive(c, f"model.{f}")
-  _check(m.width % m.num_heads == 0, "model.num_heads",
-         f"a divisor of model.width={m.width}", m.num_heads)
-  _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-         f"a divisor of model.num_heads={m.num_heads}", m.num_kv_heads)
-  _check(m.head_dim % 2 == 0, "model.head_dim", "an even number (rotary embeddings)", m.head_dim)
-  for f in ("dtype", "param_dtype"):
-    _check(m[f] in ("float32", "bfloat16"), f"model.{f}", "'float32' or 'bfloat16'", m[f])
-  _check(0 <= m.image_token_id < m.vocab_size, "model.image_token_id",
-         f"an id in [0, model.vocab_size={m.vocab_size})", m.image_token_id)
-  v = m.vision
-  if v.enabled:
-    for f in ("image_size", "patch_size", "width", "num_layers", "num_heads", "mlp_dim"):
-      _positive(c, f"model.vision.{f}")
-    _check(v.image_size % v.patch_size == 0, "model.vision.patch_size",
-           f"a divisor of model.vision.image_size={v.image_size}", v.patch_size)
-    _check(v.width % v.num_heads == 0, "model.vision.num_heads",
-           f"a divisor of model.vision.width={v.width}", v.num_heads)
-    grid = v.image_size // v.patch_size
-    _check(not m.merge_patches or grid % 2 == 0, "model.merge_patches",
-           f"False when the patch grid ({grid}) is odd", m.merge_patches)
-
-
-def _choice(c, field: str, choices):
-  value = _get(c, field)
-  _check(value in choices, field, f"one of {tuple(choices)}", value)
-
-
-def _fraction(c, field: str, low: float = 0.0, high: float = 1.0):
-  value = _get(c, field)
-  _check(isinstance(value, (int, float)) and low <= value <= high, field,
-         f"a number in [{low}, {high}]", value)
+  from openvlthinker.models import registry  # pylint: disable=g-import-not-at-top
+  _choice(c, "model.name", registry.families())
+  if c.model.name == "vlm":
+    _built("model", lambda: build_model_config(c))
 
 
 @check
@@ -176,14 +207,17 @@ def _data(c):
 
 
 @check
-def _sft_rl(c):
+def _sft(c):
   for f in ("steps", "warmup_steps"):
     value = c.sft[f]
     _check(isinstance(value, int) and value >= 0, f"sft.{f}", "an integer >= 0", value)
+
+
+@check
+def _rl(c):
   r = c.rl
   _check(isinstance(r.steps, int) and r.steps >= 0, "rl.steps", "an integer >= 0", r.steps)
-  for f in ("prompts_per_step", "group_size", "updates_per_rollout", "micro_batch_size",
-            "max_new_tokens", "decode_phases"):
+  for f in ("prompts_per_step", "group_size", "updates_per_rollout", "micro_batch_size"):
     _positive(c, f"rl.{f}")
   _check(r.group_size >= 2, "rl.group_size", "at least 2 (advantages compare within a group)",
          r.group_size)
@@ -196,27 +230,23 @@ def _sft_rl(c):
   _check(not r.share_prompt_forward or r.micro_batch_size % r.group_size == 0,
          "rl.micro_batch_size", f"a multiple of rl.group_size={r.group_size} (whole groups) when "
          "rl.share_prompt_forward is on", r.micro_batch_size)
-  from openvlthinker.rl import advantages, losses, shaping  # Registries (pure jnp).
+  from openvlthinker.rl import advantages  # pylint: disable=g-import-not-at-top
   _choice(c, "rl.advantage", advantages.advantage_estimators())
-  _choice(c, "rl.policy_loss", losses.policy_losses())
   _choice(c, "rl.advantage_task_key", ("task_type", "problem_type"))
-  _choice(c, "rl.aggregation", losses.AGGREGATIONS)
-  _fraction(c, "rl.clip_low", 0.0, 1.0)
-  _fraction(c, "rl.clip_high", 0.0, 10.0)
-  _check(r.dual_clip > 1.0 + r.clip_high, "rl.dual_clip",
-         f"a number > 1 + rl.clip_high={r.clip_high}", r.dual_clip)
-  _check(r.temperature > 0, "rl.temperature", "a number > 0", r.temperature)
-  _fraction(c, "rl.top_p", 0.0, 1.0)
+  _built("rl.sampler", lambda: build_sampler(c))
+  _built("rl.loss", lambda: build_loss(c))
+  _built("rl.entropy", lambda: build_entropy(c))
+  _built("rl.length", lambda: shaping.static_thresholds(
+      {t: tuple(v) for t, v in c.rl.length.thresholds.items()}))
+  _built("rl.length", lambda: shaping.AdaptiveLengthConfig(
+      max_length=r.sampler.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count))
   _check(0.0 <= r.filter.low < r.filter.high <= 1.0, "rl.filter.low",
          f"0 <= low < rl.filter.high={r.filter.high}", r.filter.low)
   _positive(c, "rl.filter.max_tries")
-  _choice(c, "rl.entropy.estimator", shaping.ENTROPY_ESTIMATORS)
-  for task in taxonomy.TASK_TYPES:
-    lo, hi = r.entropy.h_min[task], r.entropy.h_max[task]
-    _check(0 <= lo <= hi, f"rl.entropy.h_min.{task}", f"0 <= h_min <= h_max={hi}", lo)
-    th = tuple(r.length.thresholds[task])
-    _check(len(th) == 4 and th[0] < th[1] <= th[2] < th[3], f"rl.length.thresholds.{task}",
-           "(L_min, L_low, L_high, L_max) with L_min < L_low <= L_high < L_max", th)
+
+
+@check
+def _eval_checkpoint(c):
   for f in ("every", "num_per_task", "batch_size", "max_new_tokens"):
     _positive(c, f"eval.{f}")
   _positive(c, "checkpoint.every")

@@ -27,7 +27,8 @@ The trainer recomputes log-probs with one teacher-forced forward over the return
   logits, _ = model(out.sequence_tokens, out.sequence_positions, images[out.prompt_index],
                     input_mask=out.sequence_mask, prefix_mask=out.prefix_mask,
                     logits_from=out.response_start - 1)   # or 0: all columns
-  logprobs, entropies = response_logprobs(logits, out, config)   # = out.logprobs, out.entropies
+  logprobs, entropies = response_logprobs(logits, out.tokens, out.response_mask,
+                                          out.response_start, config)  # = out.logprobs, .entropies
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ import numpy as np
 from flax import nnx
 
 from openvlthinker import sampling
-from openvlthinker.models.decoder import KVCache, grow_cache
+from openvlthinker.fields import check, positive_int
+from openvlthinker.models.protocol import Cache, Positions, VisionLanguageModel
 from openvlthinker.sharding import Sharder, batch_sharding
 
 
@@ -70,23 +72,22 @@ class SamplerConfig:
   decode_phases: int = 4
 
   def __post_init__(self):
-    def check(ok, field, expected):
-      if not ok:
-        raise ValueError(f"sampler.{field}: expected {expected}, got {getattr(self, field)!r}")
-    check(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens",
-          "a positive integer")
-    check(self.temperature > 0, "temperature", "a positive number (use greedy=True for argmax)")
-    check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)")
-    check(0 < self.top_p <= 1, "top_p", "a number in (0, 1] (1 = off)")
     for field in ("stop_tokens", "banned_tokens", "prompt_buckets"):
       object.__setattr__(self, field, tuple(int(x) for x in getattr(self, field)))
-    check(isinstance(self.decode_phases, int) and self.decode_phases >= 1, "decode_phases",
-          "a positive integer")
-    check(self.prompt_buckets and all(b > 0 for b in self.prompt_buckets), "prompt_buckets",
-          "a non-empty tuple of positive lengths")
+    check(positive_int(self.max_new_tokens), "max_new_tokens", "a positive integer",
+          self.max_new_tokens)
+    check(self.temperature > 0, "temperature", "a number > 0 (greedy=True for argmax)",
+          self.temperature)
+    check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)",
+          self.top_k)
+    check(0 < self.top_p <= 1, "top_p", "a number in (0, 1] (1 = off)", self.top_p)
+    check(positive_int(self.decode_phases), "decode_phases", "a positive integer",
+          self.decode_phases)
+    check(bool(self.prompt_buckets) and all(b > 0 for b in self.prompt_buckets), "prompt_buckets",
+          "a non-empty tuple of positive lengths", self.prompt_buckets)
     object.__setattr__(self, "prompt_buckets", tuple(sorted(set(self.prompt_buckets))))
     check(not set(self.stop_tokens) & set(self.banned_tokens), "banned_tokens",
-          f"no overlap with stop_tokens={self.stop_tokens}")
+          f"no overlap with stop_tokens={self.stop_tokens}", self.banned_tokens)
 
 
 @flax.struct.dataclass
@@ -98,7 +99,8 @@ class SamplerOutput:
     distribution it was drawn from (after banned tokens, temperature, top-k, top-p); 0 after the end.
   lengths int32[B]: response tokens through the stop token (Lr when none came).
   response_mask bool[B, Lr]: the first `lengths` tokens.
-  sequence_tokens, sequence_positions int32[B, Lb + Lr], sequence_mask, prefix_mask
+  sequence_tokens int32[B, Lb + Lr], sequence_positions (the model's positions pytree over the
+    same columns; int32[B, Lb + Lr] for the built-in VLM), sequence_mask, prefix_mask
     bool[B, Lb + Lr]: right-aligned prompt then response, ready for a teacher-forced forward; the
     logits at column Lb - 1 + t predict response token t (`response_logits`).
   prompt_index int32[B]: the prompt (row of the input batch) each row answers, b // G.
@@ -109,36 +111,36 @@ class SamplerOutput:
   lengths: jax.Array
   response_mask: jax.Array
   sequence_tokens: jax.Array
-  sequence_positions: jax.Array
+  sequence_positions: Positions
   sequence_mask: jax.Array
   prefix_mask: jax.Array
   prompt_index: jax.Array
   response_start: int = flax.struct.field(pytree_node=False)
 
 
-def response_logits(logits: jax.Array, out: SamplerOutput) -> jax.Array:
-  """Teacher-forced logits over `out.sequence_tokens` → float32[B, Lr, V], row t predicting
-  response token t. `logits` may cover the whole sequence (float32[B, Lb + Lr, V]) or start at any
-  column up to Lb - 1: `model(..., logits_from=out.response_start - 1)` computes only the
-  Lr + 1 columns needed."""
-  lr = out.tokens.shape[1]
-  start = logits.shape[1] - lr - 1  # Column Lb - 1 of the sequence.
-  if not 0 <= start <= out.response_start - 1:
-    raise ValueError(f"logits: expected the last {lr + 1} to {lr + out.response_start} columns of "
-                     f"the sequence, got {logits.shape[1]}")
-  return jax.lax.slice_in_dim(logits, start, start + lr, axis=1)
+def response_logits(logits: jax.Array, response_len: int, response_start: int) -> jax.Array:
+  """Teacher-forced logits over a sequence of Lb = `response_start` prompt slots and Lr =
+  `response_len` response slots → float32[B, Lr, V], row t predicting response token t. `logits`
+  may cover the whole sequence (float32[B, Lb + Lr, V]) or start at any column up to Lb - 1:
+  `model(..., logits_from=response_start - 1)` computes only the Lr + 1 columns needed."""
+  start = logits.shape[1] - response_len - 1  # Column Lb - 1 of the sequence.
+  if not 0 <= start <= response_start - 1:
+    raise ValueError(f"logits: expected the last {response_len + 1} to "
+                     f"{response_len + response_start} columns of the sequence, got "
+                     f"{logits.shape[1]}")
+  return jax.lax.slice_in_dim(logits, start, start + response_len, axis=1)
 
 
-def response_logprobs(logits: jax.Array, out: SamplerOutput,
-                      config: SamplerConfig) -> tuple[jax.Array, jax.Array]:
-  """Log-probs of `out.tokens` and entropies, float32[B, Lr] each, under the distribution the
-  sampler draws from with `config` (the same code path), from teacher-forced logits over
-  `out.sequence_tokens` (see `response_logits`). Zero outside `out.response_mask`; -inf for a
-  token that `config`'s filters exclude."""
-  dist = sampling.candidates(response_logits(logits, out), config)
-  mask = out.response_mask
-  return (jnp.where(mask, sampling.log_prob_of(dist, out.tokens), 0.0),
-          jnp.where(mask, sampling.entropy(dist), 0.0))
+def response_logprobs(logits: jax.Array, tokens: jax.Array, response_mask: jax.Array,
+                      response_start: int, config: SamplerConfig
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Log-probs of response `tokens` int32[B, Lr] and entropies, float32[B, Lr] each, under the
+  distribution the sampler draws from with `config` (the same code path), from teacher-forced
+  logits over the sequence (see `response_logits`). Zero outside `response_mask` bool[B, Lr];
+  -inf for a token that `config`'s filters exclude."""
+  dist = sampling.candidates(response_logits(logits, tokens.shape[1], response_start), config)
+  return (jnp.where(response_mask, sampling.log_prob_of(dist, tokens), 0.0),
+          jnp.where(response_mask, sampling.entropy(dist), 0.0))
 
 
 def align_prompts(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id: int = 0):
@@ -172,10 +174,10 @@ class _Loop:
   """The decode loop's carry. `step` is the response column drawn next."""
   step: jax.Array       # int32[]
   token: jax.Array      # int32[B]    the last drawn token (input of the next forward)
-  position: jax.Array   # int32[B]    its position
+  position: jax.Array   # int32[B]    its decode position (an index into the decode tables)
   done: jax.Array       # bool[B]     a stop token has been drawn
   lengths: jax.Array    # int32[B]
-  cache: KVCache
+  cache: Cache
   tokens: jax.Array     # int32[B, Lr]
   logprobs: jax.Array   # float32[B, Lr]
   entropies: jax.Array  # float32[B, Lr]
@@ -243,8 +245,9 @@ class Sampler:
       if images.ndim != 5 or images.shape[0] != p or images.dtype != np.uint8:
         raise ValueError(f"images: expected uint8[{p}, N, H, W, 3], got {images.dtype}"
                          f"{list(images.shape)}")
-    aligned = align_prompts(tokens, mask, self.bucket(int(n.max())), self.config.pad_id)
-    args = aligned + (images, prompt_ids.astype(np.int32))
+    aligned, _, aligned_mask = align_prompts(tokens, mask, self.bucket(int(n.max())),
+                                             self.config.pad_id)
+    args = (aligned, aligned_mask, images, prompt_ids.astype(np.int32))
     if self.sharder.mesh is not None:
       args = tuple(None if x is None else jax.device_put(x, batch_sharding(self.sharder, x.ndim,
                                                                           x.shape)) for x in args)
@@ -254,12 +257,13 @@ class Sampler:
 # Module level, with the static parts as static arguments: samplers with equal settings share
 # compiled code (e.g. one built per evaluation).
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "sharder", "group_size"))
-def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphdef,
+def _generate(state, tokens, mask, images, prompt_ids, rng, *, graphdef,
               config: SamplerConfig, sharder: Sharder, group_size: int) -> SamplerOutput:
-  """tokens, positions int32[P, Lb] and mask bool[P, Lb] from `align_prompts`; images
+  """tokens int32[P, Lb] and mask bool[P, Lb] from `align_prompts`; images
   uint8[P, N, H, W, 3] or None; prompt_ids int32[P]; rng a key. See the module docstring."""
   cfg, shd = config, sharder
-  model = nnx.merge(graphdef, state)
+  model: VisionLanguageModel = nnx.merge(graphdef, state)
+  positions, next_position = model.prompt_positions(tokens, mask)
   g = group_size
   (p, lb), lr = tokens.shape, cfg.max_new_tokens
   b = p * g
@@ -274,6 +278,7 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
   # token t - 1 into slot t - 1, so a phase ending before step `end` needs end - 1 slots.
   ends = decode_phase_ends(lr, cfg.decode_phases)
   cache = model.init_cache(b, max(ends[0] - 1, 1), prefix=prompt_cache)
+  tree_repeat = lambda t: jax.tree.map(repeat, t)
 
   # Row b = p·G + g: key fold_in(fold_in(rng, prompt_ids[p]), g); step t folds in t.
   keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, prompt_ids)
@@ -296,36 +301,36 @@ def _generate(state, tokens, positions, mask, images, prompt_ids, rng, *, graphd
                      tokens=col(s.tokens, token), logprobs=col(s.logprobs, logp),
                      entropies=col(s.entropies, ent))
 
-  # Rotary tables of every position a step can feed (< Lb + Lr), built before the loop; a step
-  # gathers its rows. Inside the loop XLA would fuse sin and cos into each consumer and evaluate
-  # them per head and per use (~10% of a step).
-  rope_table = model.decoder.rope_tables(jnp.arange(lb + lr))  # [Lb + Lr, 1, H / 2] each
+  # Tables of every position a step can feed (< Lb + Lr), built once before the loop (~10% of
+  # a step when XLA recomputed rotary angles inside it); a step reads its rows.
+  tables = model.decode_tables(lb + lr)
 
   def body(s: _Loop) -> _Loop:
-    rope = tuple(x[s.position][:, None] for x in rope_table)  # [B, 1, 1, H / 2]
-    logits, cache = model(s.token[:, None], s.position[:, None], None, s.cache, rope=rope)
+    step_positions = model.response_positions(s.position, 1)
+    logits, cache = model(s.token[:, None], step_positions, None, s.cache,
+                          rope=model.decode_rope(tables, s.position))
     return record(s.replace(cache=cache), logits[:, 0])
 
   zeros = lambda dtype: rows(jnp.zeros((b, lr), dtype))
   start = _Loop(step=jnp.zeros((), jnp.int32), token=jnp.zeros((b,), jnp.int32),
-                position=repeat(positions[:, -1]), done=jnp.zeros((b,), bool),
+                position=repeat(next_position - 1), done=jnp.zeros((b,), bool),
                 lengths=jnp.zeros((b,), jnp.int32), cache=cache,
                 tokens=rows(jnp.full((b, lr), cfg.pad_id, jnp.int32)),
                 logprobs=zeros(jnp.float32), entropies=zeros(jnp.float32))
   s = record(start, repeat(logits[:, 0]))
   for i, end in enumerate(ends):
     if i:
-      s = s.replace(cache=grow_cache(s.cache, end - 1, shd))
+      s = s.replace(cache=model.grow_cache(s.cache, end - 1))
     s = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, s)
 
   response_mask = jnp.arange(lr) < s.lengths[:, None]
-  prompt_lengths = repeat(positions[:, -1] + 1)
+  response_positions = model.response_positions(repeat(next_position), lr)
   return SamplerOutput(
       tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, lengths=s.lengths,
       response_mask=response_mask,
       sequence_tokens=jnp.concatenate([repeat(tokens), s.tokens], axis=1),
-      sequence_positions=jnp.concatenate(
-          [repeat(positions), prompt_lengths[:, None] + jnp.arange(lr)], axis=1),
+      sequence_positions=jax.tree.map(lambda a, r: jnp.concatenate([a, r], axis=1),
+                                      tree_repeat(positions), response_positions),
       sequence_mask=jnp.concatenate([repeat(mask), response_mask], axis=1),
       prefix_mask=jnp.concatenate([repeat(mask), jnp.zeros((b, lr), bool)], axis=1),
       prompt_index=jnp.repeat(jnp.arange(p, dtype=jnp.int32), g),

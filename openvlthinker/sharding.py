@@ -93,6 +93,16 @@ class Sharder:
       raise ValueError("Sharder.sharding needs a mesh")
     return NamedSharding(self.mesh, self.spec(axes, shape))
 
+  def replicated(self) -> NamedSharding:
+    """A full copy on every device of the mesh (scalars and small statistics)."""
+    if self.mesh is None:
+      raise ValueError("Sharder.replicated needs a mesh")
+    return NamedSharding(self.mesh, P())
+
+  def put_batch(self, x) -> jax.Array:
+    """A host array of whole rows onto the mesh, rows over the data-parallel axes."""
+    return jax.device_put(x, batch_sharding(self, np.ndim(x), np.shape(x)))
+
   def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """with_sharding_constraint by logical names (a no-op without a mesh)."""
     if self.mesh is None:

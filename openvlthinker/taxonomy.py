@@ -1,49 +1,35 @@
 """The task and problem types of the method (REFERENCE §1), with the public data's spellings.
 
+Nothing here is listed by hand: the task types are the task modules of
+`tasks.registry.TASK_MODULES`, in that order, each declaring its name, problem types, aliases and
+shaping defaults where it is defined; the problem types (answer formats) are `tasks.base`'s.
 Task ids are indices into TASK_TYPES; every module that keys statistics by task uses this order.
+Importing this module imports every task module (numpy and PIL, about 0.15 s).
 """
+import types
 
-TASK_TYPES = (
-    "spatial_grounding",
-    "spatial_reasoning",
-    "general_vqa",
-    "math_reasoning",
-    "chart_figure_qa",
-    "ocr",
-)
+from openvlthinker.tasks import registry
+from openvlthinker.tasks.base import PROBLEM_TYPES, canonical_problem_type
+
+__all__ = ["TASK_TYPES", "NUM_TASKS", "PROBLEM_TYPES", "LENGTH_THRESHOLDS", "ENTROPY_BOUNDS",
+           "canonical_task_type", "canonical_problem_type", "task_id"]
+
+_SPECS = registry.task_specs()
+
+TASK_TYPES: tuple[str, ...] = tuple(spec.name for spec in _SPECS)
 NUM_TASKS = len(TASK_TYPES)
 
-PROBLEM_TYPES = (
-    "multiple choice",
-    "numerical",
-    "regression",
-    "ocr",
-    "math",
-    "spatial grounding",
-    "open-ended",
-)
-
-# Spellings found in the public OpenVLThinkerV2 data that map onto the canonical names above.
-_TASK_ALIASES = {"general_vqa_science_stem": "general_vqa"}
-_PROBLEM_ALIASES = {"OCR": "ocr", "multiple-choice": "multiple choice", "open ended": "open-ended"}
+# Per-task shaping defaults as the task modules declare them, keyed by task type in task-id order
+# (read-only: a run changes them through its config, not by editing these).
+LENGTH_THRESHOLDS = types.MappingProxyType({s.name: s.length_thresholds for s in _SPECS})
+ENTROPY_BOUNDS = types.MappingProxyType({s.name: s.entropy_bounds for s in _SPECS})
 
 
 def canonical_task_type(name: str) -> str:
   """Returns the canonical task type for `name`, or raises ValueError naming the choices."""
-  key = _TASK_ALIASES.get(name, name)
-  if key not in TASK_TYPES:
-    raise ValueError(f"task_type: got {name!r}, expected one of {TASK_TYPES} "
-                     f"(or an alias in {sorted(_TASK_ALIASES)})")
-  return key
-
-
-def canonical_problem_type(name: str) -> str:
-  """Returns the canonical problem type for `name` (case-insensitive), or raises ValueError."""
-  key = _PROBLEM_ALIASES.get(name, name.strip().lower())
-  if key not in PROBLEM_TYPES:
-    raise ValueError(f"problem_type: got {name!r}, expected one of {PROBLEM_TYPES}")
-  return key
+  return registry.canonical_task_type(name)
 
 
 def task_id(name: str) -> int:
+  """The task id of `name` (aliases accepted): its index in TASK_TYPES."""
   return TASK_TYPES.index(canonical_task_type(name))

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*overrides):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the suite's 8 devices (conftest)
   return subprocess.run([sys.executable, "-m", "openvlthinker.main", "--config=configs/test.py",
                          "--workdir=/tmp/ovt-test-main", *overrides], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
@@ -17,7 +17,11 @@ def run_main(*overrides):
 
 @pytest.mark.parametrize("override, field", [
     ("--config.model.num_layerz=3", "num_layerz"),
-    ("--config.model.num_heads=3", "model.num_heads"),
+    ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
+    ("--config.rl.loss.clip_low=1.5", "rl.loss.clip_low"),
+    ("--config.rl.sampler.top_p=0", "rl.sampler.top_p"),
+    ("--config.rl.entropy.h_min.ocr=0.9", "rl.entropy.h_min.ocr"),
+    ("--config.rl.length.thresholds.ocr=(9,3,4,5)", "rl.length.thresholds.ocr"),
     ("--config.model.vision.patch_size=5", "model.vision.patch_size"),
     ("--config.model.dtype=float16", "model.dtype"),
 ])

@@ -2,6 +2,10 @@
 tied or untied head, and a preallocated KV cache for generation (optionally behind a prefix cache
 shared by groups of rows: a prompt's cache, stored once for its G samples).
 
+The blocks' parameters are stacked along a leading "layers" axis and the forward is one
+`lax.scan` over them (optionally rematerialised per layer), so tracing, HLO and compile time do
+not grow with depth. The KV cache is stacked the same way.
+
 The decoder takes embeddings (so the VLM can splice image features in) and returns float32 logits.
 Attention masks come from slot order plus validity: a key is visible when it is a real token and
 sits at or before the query's slot, or when both are in the prefix (image + prompt) and the config
@@ -16,8 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from openvlthinker.fields import DTYPES, check, positive_int
 from openvlthinker.models import layers
 from openvlthinker.sharding import Sharder
+
+# Logical name of the leading axis of stacked per-layer parameters and caches. No sharding rule
+# maps it: every device holds all layers of its shard (the scan slices one layer at a time).
+LAYERS = "layers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,28 +44,36 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # Layers under one lax.scan over stacked parameters (compile time and HLO size independent of
+  # depth), or a Python loop over per-layer parameters (faster on CPU: XLA:CPU copies each
+  # layer's slice of stacked weights and cache before its matmuls, ~25% of a small model's step).
+  scan_layers: bool = True
 
   def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"model.num_heads: {self.num_heads} is not a multiple of "
-                       f"model.num_kv_heads={self.num_kv_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"model.head_dim: expected an even number for rotary embeddings, "
-                       f"got {self.head_dim}")
+    for f in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim"):
+      check(positive_int(getattr(self, f)), f, "a positive integer", getattr(self, f))
+    # head_dim is its own field: width need not be num_heads × head_dim.
+    check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+          f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+    check(self.head_dim % 2 == 0, "head_dim", "an even number (rotary embeddings)", self.head_dim)
+    for f in ("dtype", "param_dtype"):
+      check(getattr(self, f) in DTYPES, f, f"one of {DTYPES}", getattr(self, f))
 
 
 @flax.struct.dataclass
 class KVCache:
-  """A preallocated cache: per layer keys k [B, K, H, S] (stored transposed, see
-  `layers.KVPart`) and values v [B, K, S, H], slot validity bool[B, S] and the next write slot
-  (shared by all rows).
+  """A preallocated cache: keys k [NL, B, K, H, S] (stored transposed, see `layers.KVPart`) and
+  values v [NL, B, K, S, H] of all NL layers (with `scan_layers`; otherwise tuples of NL arrays
+  [B, K, H, S] and [B, K, S, H]), slot validity bool[B, S] and the next write slot (shared by all
+  rows).
 
   `prefix`, when set, is a read-only cache of R rows (R divides B) that every query also attends to,
   before its own slots: row r serves rows r·B/R … (r+1)·B/R - 1. A prompt prefilled once then
   stays in memory once for its G samples, and each decode step reads it once per prompt.
   """
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
   valid: jax.Array
   index: jax.Array
   prefix: KVCache | None = None
@@ -66,7 +83,23 @@ class KVCache:
     return self.valid.shape[1]
 
 
-CACHE_KV_AXES = ("cache_batch", "act_kv_heads", None, None)
+CACHE_KV_AXES = (LAYERS, "cache_batch", "act_kv_heads", None, None)
+CACHE_VALID_AXES = ("cache_batch", None)
+
+
+def _map_kv(cache: KVCache, fn) -> KVCache:
+  """`fn(array, axis)` on the keys and values of every layer; `axis(i)` is the index of axis i of
+  one layer's [B, K, ., .] array in the stored array (stacked: one more, in front)."""
+  def one(x):
+    if isinstance(x, tuple):
+      return tuple(fn(a, lambda i: i) for a in x)
+    return fn(x, lambda i: i + 1)
+  return cache.replace(k=one(cache.k), v=one(cache.v))
+
+
+def _constrain_cache(cache: KVCache, sharder: Sharder) -> KVCache:
+  cache = _map_kv(cache, lambda x, axis: sharder.constrain(x, CACHE_KV_AXES[1 - axis(0):]))
+  return cache.replace(valid=sharder.constrain(cache.valid, CACHE_VALID_AXES))
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
@@ -76,13 +109,16 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int,
   if prefix is not None and batch % prefix.valid.shape[0]:
     raise ValueError(f"init_cache: batch {batch} is not a multiple of the prefix's "
                      f"{prefix.valid.shape[0]} rows")
-  k_shape = (batch, config.num_kv_heads, config.head_dim, max_length)
-  v_shape = (batch, config.num_kv_heads, max_length, config.head_dim)
-  zeros = lambda shape: sharder.constrain(jnp.zeros(shape, config.dtype), CACHE_KV_AXES)
-  return KVCache(k=tuple(zeros(k_shape) for _ in range(config.num_layers)),
-                 v=tuple(zeros(v_shape) for _ in range(config.num_layers)),
-                 valid=sharder.constrain(jnp.zeros((batch, max_length), bool), ("cache_batch", None)),
-                 index=jnp.zeros((), jnp.int32), prefix=prefix)
+  n, k, h = config.num_layers, config.num_kv_heads, config.head_dim
+  keys, values = (batch, k, h, max_length), (batch, k, max_length, h)
+  if config.scan_layers:
+    keys, values = (jnp.zeros((n,) + keys, config.dtype), jnp.zeros((n,) + values, config.dtype))
+  else:
+    keys = tuple(jnp.zeros(keys, config.dtype) for _ in range(n))
+    values = tuple(jnp.zeros(values, config.dtype) for _ in range(n))
+  return _constrain_cache(KVCache(
+      k=keys, v=values, valid=jnp.zeros((batch, max_length), bool),
+      index=jnp.zeros((), jnp.int32), prefix=prefix), sharder)
 
 
 def grow_cache(cache: KVCache, max_length: int, sharder: Sharder = Sharder()) -> KVCache:
@@ -91,33 +127,40 @@ def grow_cache(cache: KVCache, max_length: int, sharder: Sharder = Sharder()) ->
   if extra < 0:
     raise ValueError(f"grow_cache: max_length {max_length} < the cache's {cache.max_length}")
   pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-  kv = lambda xs, axis: tuple(sharder.constrain(pad(x, axis), CACHE_KV_AXES) for x in xs)
-  return cache.replace(k=kv(cache.k, 3), v=kv(cache.v, 2),
-                       valid=sharder.constrain(pad(cache.valid, 1), ("cache_batch", None)))
+  # The slot axis: 2 of a layer's keys [B, K, H, S]... after the head axes; found per array.
+  cache = cache.replace(
+      k=jax.tree.map(lambda x: pad(x, x.ndim - 1), cache.k),
+      v=jax.tree.map(lambda x: pad(x, x.ndim - 2), cache.v), valid=pad(cache.valid, 1))
+  return _constrain_cache(cache, sharder)
 
 
-def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None, cache: KVCache | None,
-                   full_prefix: bool) -> tuple[jax.Array, jax.Array]:
-  """bool[B, L, S] attention mask and the key validity bool[B, S] (the updated cache.valid)."""
-  b, l = input_mask.shape
-  if cache is None:
-    start, valid = 0, input_mask
-  else:
-    start = cache.index
-    valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, start))
-  s = valid.shape[1]
-  q_slot = start + jnp.arange(l)
-  mask = jnp.arange(s)[None, :] <= q_slot[:, None]  # [L, S]
-  mask = valid[:, None, :] & mask[None]
+def repeat_cache(cache: KVCache, g: int, sharder: Sharder = Sharder()) -> KVCache:
+  """`cache` of B rows → B·g rows, row b repeated to rows b·g … b·g + g - 1 (a prompt's cache for
+  its g samples; a prefix, if any, still serves the same rows and stays shared)."""
+  cache = _map_kv(cache, lambda x, axis: jnp.repeat(x, g, axis=axis(0)))
+  return _constrain_cache(cache.replace(valid=jnp.repeat(cache.valid, g, axis=0)), sharder)
+
+
+def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None,
+                   full_prefix: bool) -> jax.Array:
+  """bool[B, L, L]: which of one call's L tokens each of them sees (the call's own keys; cached
+  slots come from `cached_mask`)."""
+  l = input_mask.shape[1]
+  mask = input_mask[:, None, :] & jnp.tril(jnp.ones((l, l), bool))[None]
   if full_prefix and prefix_mask is not None:
-    prefix_k = prefix_mask if cache is None else jax.lax.dynamic_update_slice(
-        jnp.zeros((b, s), bool), prefix_mask, (0, start))
-    mask = mask | (prefix_mask[:, :, None] & prefix_k[:, None, :] & valid[:, None, :])
-  return mask, valid
+    mask = mask | (prefix_mask[:, :, None] & prefix_mask[:, None, :] & input_mask[:, None, :])
+  return mask
+
+
+def cached_mask(cache: KVCache) -> jax.Array:
+  """bool[B, 1, S]: the cache's slots that a call writing from `cache.index` on sees: the valid
+  ones before that slot (every query of the call sits at or after it)."""
+  return (cache.valid & (jnp.arange(cache.max_length) < cache.index))[:, None, :]
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with rotary positions and an optional KV cache."""
+  """Grouped-query self-attention with rotary positions over the call's own keys and, before
+  them, any cached ones."""
 
   def __init__(self, cfg: DecoderConfig, sharder: Sharder, *, rngs: nnx.Rngs):
     self.cfg, self.sharder = cfg, sharder
@@ -129,9 +172,12 @@ class Attention(nnx.Module):
     self.o = layers.param(rngs, layers.fan_in_init((0, 1)), (n, h, d),
                           ("heads", "head_dim", "embed"), cfg.param_dtype)
 
-  def __call__(self, x, rope, mask, layer_cache, prefix: layers.KVPart | None = None):
-    """rope: `layers.rope_tables` of the positions; layer_cache: (k, v, write slot) of this layer
-    or None; prefix: shared keys and values attended before the layer's own."""
+  def __call__(self, x, rope, mask, context: tuple[layers.KVPart, ...] = (), store=None):
+    """x [B, L, D]; rope: `layers.rope_tables` of the positions; mask bool[B, L, L] over the
+    call's own keys; context: cached keys and values (a shared prefix, this layer's cache)
+    attended in one softmax with them. Returns [B, L, D] and the call's keys [B, K, H, L] and
+    values [B, K, L, H] (what a cache stores) or, with `store(k, v) -> (context, kv)` (which
+    writes them into a cache and reads the context from it), what `store` returns."""
     shd, dt = self.sharder, self.cfg.dtype
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
@@ -141,17 +187,12 @@ class Attention(nnx.Module):
     # heads is free at decode time (L = 1).
     k = layers.apply_rope(k, rope).transpose(0, 2, 3, 1)  # [B, K, H, L]
     v = v.transpose(0, 2, 1, 3)  # [B, K, L, H]
-    if layer_cache is not None:
-      k_cache, v_cache, start = layer_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, 0, start))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, start, 0))
-      k, v = shd.constrain(k, CACHE_KV_AXES), shd.constrain(v, CACHE_KV_AXES)
-    parts = [layers.KVPart(k, v, mask)]
-    if prefix is not None:
-      parts.insert(0, prefix)
-    out = layers.attend(q, parts)
+    kv = (k, v)
+    if store is not None:  # Writes k, v into a cache and reads the context from what it wrote.
+      context, kv = store(k, v)
+    out = layers.attend(q, list(context) + [layers.KVPart(k, v, mask)])
     out = jnp.einsum("blnh,nhd->bld", out, self.o[...].astype(dt))
-    return out, (k, v)
+    return out, kv
 
 
 class MLP(nnx.Module):
@@ -180,10 +221,24 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.width, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = MLP(cfg, sharder, rngs=rngs)
 
-  def __call__(self, x, rope, mask, layer_cache, prefix=None):
-    h, kv = self.attn(self.attn_norm(x), rope, mask, layer_cache, prefix)
+  def __call__(self, x, rope, mask, context=(), store=None):
+    h, kv = self.attn(self.attn_norm(x), rope, mask, context, store)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), kv
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One `Block` whose parameters are the given blocks' stacked on a leading axis, their logical
+  axes prefixed with "layers" (which no rule maps: each device holds every layer of its shard)."""
+  graphdef, *states = (nnx.split(blocks[0])[0],) + tuple(nnx.state(b) for b in blocks)
+
+  def stack(*variables):
+    v = variables[0]
+    names = v.get_metadata().get("logical_axes") or (None,) * v[...].ndim
+    return v.replace(jnp.stack([x[...] for x in variables]), logical_axes=(LAYERS,) + tuple(names))
+
+  return nnx.merge(graphdef, jax.tree.map(stack, *states,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 class Decoder(nnx.Module):
@@ -195,7 +250,9 @@ class Decoder(nnx.Module):
     self.embedding = layers.param(rngs, nnx.initializers.normal(cfg.width ** -0.5),
                                   (cfg.vocab_size, cfg.width),
                                   ("vocab", "embed"), cfg.param_dtype)
-    self.blocks = nnx.List([Block(cfg, sharder, rngs=rngs) for _ in range(cfg.num_layers)])
+    # Drawn layer by layer either way, so both layouts start from the same weights.
+    blocks = [Block(cfg, sharder, rngs=rngs) for _ in range(cfg.num_layers)]
+    self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = layers.RMSNorm(cfg.width, eps=cfg.norm_eps, rngs=rngs)
     if not cfg.tie_embeddings:
       self.head = layers.param(rngs, layers.fan_in_init((0,)), (cfg.width, cfg.vocab_size),
@@ -223,22 +280,76 @@ class Decoder(nnx.Module):
     `self.rope_tables(positions)` computed by the caller (the sampler builds every decode step's
     tables before its loop: XLA fuses sin and cos into each consumer, so a step would otherwise
     evaluate them once per head and per use)."""
-    mask, valid = attention_mask(input_mask, prefix_mask, cache, full_prefix_attention)
+    shd = self.sharder
+    mask = attention_mask(input_mask, prefix_mask, full_prefix_attention)
     if rope is None:
       rope = self.rope_tables(positions)
-    shared = None if cache is None else cache.prefix
-    new_k, new_v = [], []
-    for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      prefix = None if shared is None else layers.KVPart(shared.k[i], shared.v[i],
-                                                         shared.valid[:, None, :])
-      if self.cfg.remat:
-        x, (k, v) = nnx.remat(lambda blk, *a: blk(*a))(block, x, rope, mask, layer_cache, prefix)
-      else:
-        x, (k, v) = block(x, rope, mask, layer_cache, prefix)
-      x = self.sharder.constrain(x, ("batch", None, None))
-      new_k.append(k)
-      new_v.append(v)
+    # Per-layer inputs (sliced by the scan, or indexed by the loop): parameters and the cached
+    # keys and values. Either way a decode step writes the cache in place and copies none of it.
+    scan = self.cfg.scan_layers
+    if scan:
+      graphdef, params = nnx.split(self.blocks)
+    else:
+      graphdef, params = nnx.split(self.blocks[0])[0], [nnx.state(b) for b in self.blocks]
+    xs, masks = {"params": params}, {}
+    if cache is not None:
+      # A call as long as the cache fills it from slot 0 (a prefill): no cached slot to attend.
+      if cache.max_length > input_mask.shape[1]:
+        xs["cache"], masks["cache"] = (cache.k, cache.v), cached_mask(cache)
+      if cache.prefix is not None:
+        xs["prefix"] = (cache.prefix.k, cache.prefix.v)
+        masks["prefix"] = cache.prefix.valid[:, None, :]
+
+    start = None if cache is None else cache.index
+    write = lambda buf, new, slot_axis: jax.lax.dynamic_update_slice(
+        buf, new.astype(buf.dtype), tuple(start if a == slot_axis else 0 for a in range(buf.ndim)))
+    constrain_kv = lambda k, v: (shd.constrain(k, CACHE_KV_AXES[1:]),
+                                 shd.constrain(v, CACHE_KV_AXES[1:]))
+
+    def layer(x, xs):
+      # Keys in slot order: the shared prefix, the row's cached slots, then (in Attention) the
+      # call's own.
+      context = tuple(layers.KVPart(*xs[name], masks[name]) for name in ("prefix", "cache")
+                      if name in xs)
+      store = None
+      if "buffers" in xs:
+        # Loop layout: the layer writes its keys into its cache first, then reads the cached
+        # slots (those before `start`) from the written buffer, so the read follows the write
+        # and XLA updates the buffer in place. Returns the written buffers.
+        def store(k, v, prefix=context):
+          kb, vb = (write(buf, new, axis) for buf, new, axis
+                    in zip(xs["buffers"], constrain_kv(k, v), (3, 2)))
+          return prefix + ((layers.KVPart(kb, vb, masks["cache"]),)
+                           if "cache" in masks else ()), (kb, vb)
+        context = ()
+      x, kv = nnx.merge(graphdef, xs["params"])(x, rope, mask, context, store)
+      x = shd.constrain(x, ("batch", None, None))
+      return x, (None if cache is None else kv if store else constrain_kv(*kv))
+
+    if self.cfg.remat:
+      # Per layer only the residual stream is saved; the scan forbids CSE across iterations
+      # already, so the barrier prevent_cse adds would only cost fusion.
+      layer = jax.checkpoint(layer, prevent_cse=False)
+    if scan:
+      # The scan's outputs are the call's new keys and values, written into the stacked cache
+      # after it (the scan reads the cache, so it is done with it).
+      x, new_kv = jax.lax.scan(layer, x, xs)
+      if cache is not None:
+        k, v = new_kv  # [NL, B, K, H, L], [NL, B, K, L, H]
+        cache = cache.replace(k=write(cache.k, k, 4), v=write(cache.v, v, 3))
+    else:
+      if cache is not None:
+        xs["buffers"] = (cache.k, cache.v)
+        xs.pop("cache", None)  # read from the written buffers instead
+      outs = []
+      for i in range(self.cfg.num_layers):
+        layer_xs = {name: value[i] if name == "params" else tuple(part[i] for part in value)
+                    for name, value in xs.items()}  # layer i's parameters, cache and prefix
+        x, kv = layer(x, layer_xs)
+        outs.append(kv)
+      if cache is not None:
+        k, v = zip(*outs)
+        cache = cache.replace(k=tuple(k), v=tuple(v))
     # Columns before `logits_from` skip the head (the sampler's prefill needs one column).
     x = self.final_norm(x[:, logits_from:])
     if self.cfg.tie_embeddings:
@@ -247,8 +358,9 @@ class Decoder(nnx.Module):
     else:
       logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype),
                           preferred_element_type=jnp.float32)
-    logits = self.sharder.constrain(logits, ("batch", None, "act_vocab"))
+    logits = shd.constrain(logits, ("batch", None, "act_vocab"))
     if cache is not None:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid,
-                      index=cache.index + input_mask.shape[1], prefix=shared)
+      cache = _constrain_cache(cache.replace(
+          valid=jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, start)),
+          index=start + input_mask.shape[1]), shd)
     return logits, cache

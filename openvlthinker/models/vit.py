@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from openvlthinker.fields import DTYPES, check, positive_int
 from openvlthinker.models import layers
 from openvlthinker.sharding import Sharder
 
@@ -23,12 +24,14 @@ class ViTConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"model.vision.image_size: {self.image_size} is not a multiple of "
-                       f"model.vision.patch_size={self.patch_size}")
-    if self.width % self.num_heads:
-      raise ValueError(f"model.vision.num_heads: {self.num_heads} does not divide "
-                       f"model.vision.width={self.width}")
+    for f in ("image_size", "patch_size", "width", "num_layers", "num_heads", "mlp_dim"):
+      check(positive_int(getattr(self, f)), f, "a positive integer", getattr(self, f))
+    check(self.image_size % self.patch_size == 0, "patch_size",
+          f"a divisor of image_size={self.image_size}", self.patch_size)
+    check(self.width % self.num_heads == 0, "num_heads", f"a divisor of width={self.width}",
+          self.num_heads)
+    for f in ("dtype", "param_dtype"):
+      check(getattr(self, f) in DTYPES, f, f"one of {DTYPES}", getattr(self, f))
 
   @property
   def grid(self) -> int:

@@ -1,9 +1,10 @@
-"""The vision-language model: ViT features, projected (optionally 2×2-merged) into the decoder's
-embedding space at the `<image>` placeholder tokens.
+"""The built-in vision-language model: ViT features, projected (optionally 2×2-merged) into the
+decoder's embedding space at the `<image>` placeholder tokens.
 
-`forward(tokens, positions, images=None, cache=None) -> (logits, cache)` is the interface the
-sampler and the trainer use. Images are uint8[B, N, H, W, 3]; image k of a row fills the k-th run of
-`num_image_tokens` placeholder tokens of that row, wherever in the sequence it stands.
+It implements `models.protocol.VisionLanguageModel`, the interface the sampler, the trainer and the
+evaluator use. Images are uint8[B, N, H, W, 3]; image k of a row fills the k-th run of
+`num_image_tokens` placeholder tokens of that row, wherever in the sequence it stands. Positions
+are 1-D: int32[B, L], counting a row's real tokens from 0.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from openvlthinker.fields import check
 from openvlthinker.models import layers
-from openvlthinker.models.decoder import Decoder, DecoderConfig, KVCache, init_cache
+from openvlthinker.models import decoder as decoder_lib
+from openvlthinker.models.decoder import Decoder, DecoderConfig, KVCache
 from openvlthinker.models.vit import ViT, ViTConfig
 from openvlthinker.sharding import Sharder
 
@@ -28,12 +31,11 @@ class VLMConfig:
   prefix_full_attention: bool = False
 
   def __post_init__(self):
-    if self.vision is not None and self.merge_patches and self.vision.grid % 2:
-      raise ValueError(f"model.merge_patches: 2x2 merging needs an even patch grid, got "
-                       f"{self.vision.grid} (image_size / patch_size)")
-    if not 0 <= self.image_token_id < self.text.vocab_size:
-      raise ValueError(f"model.image_token_id: {self.image_token_id} outside the vocabulary "
-                       f"[0, {self.text.vocab_size})")
+    check(self.vision is None or not self.merge_patches or self.vision.grid % 2 == 0,
+          "merge_patches", "False when the patch grid (image_size / patch_size) is odd",
+          self.merge_patches)
+    check(0 <= self.image_token_id < self.text.vocab_size, "image_token_id",
+          f"an id in [0, vocab_size={self.text.vocab_size})", self.image_token_id)
 
   @property
   def num_image_tokens(self) -> int:
@@ -118,8 +120,40 @@ class VLM(nnx.Module):
                         full_prefix_attention=self.cfg.prefix_full_attention,
                         logits_from=logits_from, rope=rope)
 
+  # --------------------------------------------------- the rest of the VisionLanguageModel contract
+
   def init_cache(self, batch: int, max_length: int, prefix: KVCache | None = None) -> KVCache:
     """An empty decoder cache of `max_length` slots, optionally behind a shared `prefix`."""
-    return init_cache(self.cfg.text, batch, max_length, self.sharder, prefix)
+    return decoder_lib.init_cache(self.cfg.text, batch, max_length, self.sharder, prefix)
 
-  forward = __call__
+  def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
+    return decoder_lib.grow_cache(cache, max_length, self.sharder)
+
+  def repeat_cache(self, cache: KVCache, g: int) -> KVCache:
+    return decoder_lib.repeat_cache(cache, g, self.sharder)
+
+  def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """0, 1, … over each row's real tokens (0 on the padding in front); next = prompt length."""
+    del tokens
+    count = jnp.cumsum(mask, axis=1, dtype=jnp.int32)
+    return jnp.maximum(count - 1, 0), count[:, -1]
+
+  def response_positions(self, start: jax.Array, length: int) -> jax.Array:
+    return start[:, None] + jnp.arange(length, dtype=jnp.int32)
+
+  def decode_tables(self, num_positions: int) -> tuple[jax.Array, jax.Array]:
+    """sin, cos float32[num_positions, 1, head_dim / 2]: a step gathers its rows (inside the
+    loop XLA would fuse sin and cos into each consumer and evaluate them per head and per use)."""
+    return self.decoder.rope_tables(jnp.arange(num_positions))
+
+  def decode_rope(self, tables, position: jax.Array):
+    return tuple(x[position][:, None] for x in tables)  # [B, 1, 1, head_dim / 2]
+
+  def tokens_per_image(self, height: int, width: int) -> int:
+    v = self.cfg.vision
+    if v is None:
+      raise ValueError("images: this model has no vision encoder (model.vision.enabled=False)")
+    if (height, width) != (v.image_size, v.image_size):
+      raise ValueError(f"images: expected {v.image_size}x{v.image_size} px "
+                       f"(model.vision.image_size), got {height}x{width}")
+    return self.cfg.num_image_tokens

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from openvlthinker.taxonomy import NUM_TASKS
+from openvlthinker.fields import check, positive_int
+from openvlthinker.registry import Registry
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "fixed_denominator")
 
@@ -47,45 +49,27 @@ class PolicyLossConfig:
   num_tasks: int = NUM_TASKS
 
   def __post_init__(self):
-    if self.name not in _POLICY_LOSSES:
-      raise ValueError(f"policy loss name: got {self.name!r}, expected one of "
-                       f"{sorted(_POLICY_LOSSES)}")
-    if not 0 <= self.clip_low < 1:
-      raise ValueError(f"clip_low: got {self.clip_low}, expected 0 <= clip_low < 1")
-    if not self.clip_high >= 0:
-      raise ValueError(f"clip_high: got {self.clip_high}, expected >= 0")
-    if self.dual_clip is not None and not self.dual_clip > 1 + self.clip_high:
-      raise ValueError(f"dual_clip: got {self.dual_clip}, expected None or > 1 + clip_high")
-    if not self.log_ratio_clamp > 0:
-      raise ValueError(f"log_ratio_clamp: got {self.log_ratio_clamp}, expected > 0")
-    if self.aggregation not in AGGREGATIONS:
-      raise ValueError(f"aggregation: got {self.aggregation!r}, expected one of {AGGREGATIONS}")
-    if self.fixed_length is not None and self.fixed_length < 1:
-      raise ValueError(f"fixed_length: got {self.fixed_length}, expected None or >= 1")
-    if not self.kl_coef >= 0:
-      raise ValueError(f"kl_coef: got {self.kl_coef}, expected >= 0")
-    if self.num_tasks < 1:
-      raise ValueError(f"num_tasks: got {self.num_tasks}, expected >= 1")
+    check(self.name in _POLICY_LOSSES, "name", f"one of {_POLICY_LOSSES.names()}", self.name)
+    check(0 <= self.clip_low < 1, "clip_low", "0 <= clip_low < 1", self.clip_low)
+    check(0 <= self.clip_high <= 10, "clip_high", "a number in [0, 10]", self.clip_high)
+    check(self.dual_clip is None or self.dual_clip > 1 + self.clip_high, "dual_clip",
+          f"None or a number > 1 + clip_high={self.clip_high}", self.dual_clip)
+    check(self.log_ratio_clamp > 0, "log_ratio_clamp", "a number > 0", self.log_ratio_clamp)
+    check(self.aggregation in AGGREGATIONS, "aggregation", f"one of {AGGREGATIONS}",
+          self.aggregation)
+    check(self.fixed_length is None or positive_int(self.fixed_length), "fixed_length",
+          "None or a positive integer", self.fixed_length)
+    check(self.kl_coef >= 0, "kl_coef", "a number >= 0", self.kl_coef)
+    check(positive_int(self.num_tasks), "num_tasks", "a positive integer", self.num_tasks)
 
 
 # ---------------------------------------------------------------------------------- registry
 
 TokenLossFn = Callable[[jax.Array, jax.Array, PolicyLossConfig], jax.Array]
-_POLICY_LOSSES: dict[str, TokenLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[TokenLossFn], TokenLossFn]:
-  """Registers fn(log_ratio float32[B, L], advantages float32[B, 1], cfg) -> float32[B, L]."""
-  def decorate(fn: TokenLossFn) -> TokenLossFn:
-    if name in _POLICY_LOSSES:
-      raise ValueError(f"policy loss {name!r} is already registered")
-    _POLICY_LOSSES[name] = fn
-    return fn
-  return decorate
-
-
-def policy_losses() -> tuple[str, ...]:
-  return tuple(sorted(_POLICY_LOSSES))
+# fn(log_ratio float32[B, L], advantages float32[B, 1], cfg) -> float32[B, L].
+_POLICY_LOSSES: Registry[TokenLossFn] = Registry("policy loss")
+register_policy_loss = _POLICY_LOSSES.register
+policy_losses = _POLICY_LOSSES.names
 
 
 @register_policy_loss("ppo_dual_clip")
@@ -147,7 +131,7 @@ def policy_loss(new_logp, old_logp, advantages, mask, cfg: PolicyLossConfig, *, 
     raise ValueError(f"ref_logp: required when kl_coef > 0 (got kl_coef={cfg.kl_coef})")
 
   log_ratio = jnp.clip(new_logp - old_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-  token_loss = _POLICY_LOSSES[cfg.name](log_ratio, advantages, cfg)
+  token_loss = _POLICY_LOSSES.get(cfg.name)(log_ratio, advantages, cfg)
   metrics = {}
   if cfg.kl_coef > 0:
     ref_logp = jax.lax.stop_gradient(_check("ref_logp", ref_logp, (b, length), jnp.float32))
@@ -222,18 +206,25 @@ def _task_advantage_metrics(advantages, mask, task_ids, num_tasks):
 # ---------------------------------------------------------------------------------- metrics
 
 
+def _reduction(key: str):
+  """(combine, identity) of a metric: *_min by minimum, *_max by maximum, the rest by sum."""
+  if key.endswith("_min"):
+    return jnp.minimum, jnp.inf
+  if key.endswith("_max"):
+    return jnp.maximum, -jnp.inf
+  return jnp.add, 0.0
+
+
 def accumulate_metrics(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Combines two micro-batches' metrics: *_min by minimum, *_max by maximum, the rest by sum."""
+  """Combines two micro-batches' metrics (see `_reduction`)."""
   if a.keys() != b.keys():
     raise ValueError(f"metrics: keys differ: {sorted(a)} vs {sorted(b)}")
+  return {key: _reduction(key)[0](a[key], b[key]) for key in a}
 
-  def combine(key):
-    if key.endswith("_min"):
-      return jnp.minimum(a[key], b[key])
-    if key.endswith("_max"):
-      return jnp.maximum(a[key], b[key])
-    return a[key] + b[key]
-  return {key: combine(key) for key in a}
+
+def metrics_identity(shapes: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  """The identity of `accumulate_metrics` for metrics of these shapes (a scan's initial carry)."""
+  return {k: jnp.full(s.shape, _reduction(k)[1], s.dtype) for k, s in shapes.items()}
 
 
 def finalize_metrics(m: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -2,8 +2,7 @@
 
 One lexsort by (segment, value), run bounds from cumsums and scatters, and run means of
 Φ⁻¹((k + 0.5) / N) summed by distance-only doubling, so that a result depends only on its (rank, tie
-run, segment size), bit for bit. `mirrored_normal_quantiles` and `mirror_split` also serve G²RPO's
-sort-free path.
+run, segment size), bit for bit. G²RPO (`advantages.g2rpo_advantages`) is this map applied twice.
 """
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ _INVALID_SEGMENT = np.iinfo(np.int32).max
 
 
 def as_batch(name: str, x, dtype, batch: int | None = None) -> jax.Array:
+  """x as a 1-D `dtype` array [B] (B = batch when given), or a ValueError naming `name`."""
   x = jnp.asarray(x)
   if x.ndim != 1:
     raise ValueError(f"{name}: expected a 1-D array [B], got shape {x.shape}")
@@ -29,7 +29,7 @@ def _order_preserving_int(x: jax.Array) -> jax.Array:
   return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def mirrored_normal_quantiles(rank: jax.Array, size: jax.Array) -> jax.Array:
+def _mirrored_normal_quantiles(rank: jax.Array, size: jax.Array) -> jax.Array:
   """Φ⁻¹((rank + 0.5) / size) for int32 rank < size, as float32.
 
   Evaluated on the nearer tail and negated for the upper half, so q[size-1-k] == -q[k] bitwise and
@@ -58,7 +58,7 @@ def _run_bounds(start_flag: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.A
   return starts[run], starts[run + 1] - 1
 
 
-def run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array) -> jax.Array:
+def _run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array) -> jax.Array:
   """Per run r, the sum of q[start[r]] and the n[r] - 1 positions after it (before it where
   leftwards[r]), float32[R].
 
@@ -85,7 +85,7 @@ def run_sums(q: jax.Array, start: jax.Array, n: jax.Array, leftwards: jax.Array)
   return total
 
 
-def mirror_split(seg_start, seg_end, run_start, run_end) -> tuple[jax.Array, jax.Array]:
+def _mirror_split(seg_start, seg_end, run_start, run_end) -> tuple[jax.Array, jax.Array]:
   """Which of a tie run's ranks are summed, elementwise over runs given by their positions.
 
   A run's ranks that overlap its mirror image sum to exactly 0, so only the rest is summed:
@@ -110,12 +110,12 @@ def _sorted_run_means(seg_start, seg_end, run_start, run_end, counted) -> jax.Ar
   """
   b = seg_start.shape[0]
   pos = jnp.arange(b, dtype=jnp.int32)
-  q = mirrored_normal_quantiles(pos - seg_start, seg_end - seg_start + 1)
-  upper, terms = mirror_split(seg_start, seg_end, run_start, run_end)
+  q = _mirrored_normal_quantiles(pos - seg_start, seg_end - seg_start + 1)
+  upper, terms = _mirror_split(seg_start, seg_end, run_start, run_end)
   # Upper runs are summed from their end, the mirror image of a lower run's sum. Ignored rows
   # form one long run; 0 terms keep them from lengthening the doubling loop.
   n = jnp.where(counted, jnp.maximum(terms + 1, 0), 0)
-  total = run_sums(q, jnp.where(upper, run_end, run_start), n, upper)
+  total = _run_sums(q, jnp.where(upper, run_end, run_start), n, upper)
   return jnp.where(counted, total / (run_end - run_start + 1).astype(jnp.float32), 0.0)
 
 

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openvlthinker.taxonomy import NUM_TASKS, TASK_TYPES
+from openvlthinker.fields import check, positive_int
+from openvlthinker.taxonomy import ENTROPY_BOUNDS, LENGTH_THRESHOLDS, NUM_TASKS, TASK_TYPES
 
 # ------------------------------------------------------------------------ entropy (REFERENCE §5)
 
@@ -33,39 +34,45 @@ def exact_entropy(logits):
   return log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
 
 
-def _per_task(name: str, value, num_tasks: int) -> np.ndarray:
+def _task_values(name: str, value, num_tasks: int) -> tuple[float, ...]:
+  """A number for every task, a {task type: number} mapping or a per-task sequence → floats."""
+  if isinstance(value, Mapping):  # e.g. a config section
+    check(set(value) == set(TASK_TYPES[:num_tasks]), name, f"one entry per task {TASK_TYPES}",
+          dict(value))
+    value = [value[t] for t in TASK_TYPES[:num_tasks]]
   if np.ndim(value) == 0:
-    arr = np.full((num_tasks,), value, np.float32)
-  else:
-    arr = np.asarray(value, np.float32)
-  if arr.shape != (num_tasks,):
-    raise ValueError(f"{name}: expected a number or {num_tasks} per-task values, got {value!r}")
-  return arr
+    value = [value] * num_tasks
+  check(np.shape(value) == (num_tasks,), name, f"a number or {num_tasks} per-task values", value)
+  return tuple(float(v) for v in value)
+
+
+def _per_task(name: str, value, num_tasks: int) -> np.ndarray:
+  return np.asarray(_task_values(name, value, num_tasks), np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class EntropyShapingConfig:
-  """Entropy shaping; defaults are the public code's (off, λ = 0.02, bounds [0.2, 0.6]).
+  """Entropy shaping; defaults are the public code's (off, λ = 0.02) and each task's declared
+  bounds (`TaskSpec.entropy_bounds`: the public code's [0.2, 0.6] unless a task declares its own).
 
   h_min / h_max: one bound for every task, or a tuple with one per task id (taxonomy order).
   estimator: "sampled_token" (-log π of the sampled token) or "exact" (-Σ p log p).
   """
   enabled: bool = False
   coef: float = 0.02
-  h_min: float | tuple[float, ...] = 0.2
-  h_max: float | tuple[float, ...] = 0.6
-  estimator: str = "sampled_token"
+  h_min: float | tuple[float, ...] = tuple(lo for lo, _ in ENTROPY_BOUNDS.values())
+  h_max: float | tuple[float, ...] = tuple(hi for _, hi in ENTROPY_BOUNDS.values())
+  estimator: str = "exact"  # REFERENCE §5: this project's default; the public code's is the other
   num_tasks: int = NUM_TASKS
 
   def __post_init__(self):
-    if self.estimator not in ENTROPY_ESTIMATORS:
-      raise ValueError(f"estimator: got {self.estimator!r}, expected one of {ENTROPY_ESTIMATORS}")
-    if not self.coef >= 0:
-      raise ValueError(f"coef: got {self.coef}, expected >= 0")
-    h_min, h_max = self.bounds()
-    if np.any(h_min > h_max) or np.any(h_min < 0):
-      raise ValueError(f"h_min/h_max: expected 0 <= h_min <= h_max per task, got "
-                       f"{self.h_min!r} / {self.h_max!r}")
+    check(self.estimator in ENTROPY_ESTIMATORS, "estimator", f"one of {ENTROPY_ESTIMATORS}",
+          self.estimator)
+    check(self.coef >= 0, "coef", "a number >= 0", self.coef)
+    for bound in ("h_min", "h_max"):  # Hashable: a mapping from a config becomes a tuple.
+      object.__setattr__(self, bound, _task_values(bound, getattr(self, bound), self.num_tasks))
+    for task, lo, hi in zip(TASK_TYPES, self.h_min, self.h_max):
+      check(0 <= lo <= hi, f"h_min.{task}", f"0 <= h_min <= h_max={hi}", lo)
 
   def bounds(self) -> tuple[np.ndarray, np.ndarray]:
     """(H_min, H_max), float32[num_tasks] each."""
@@ -107,33 +114,22 @@ def entropy_penalty(token_entropy, mask, task_ids, h_min, h_max):
 
 # ------------------------------------------------------------------------- length (REFERENCE §6)
 
-# Static thresholds (L_min, L_low, L_high, L_max) in tokens: the plateau is the range the paper
-# observed after about 100 steps (REFERENCE §6; grounding "about 65" taken as 50-80), with ramps to
+# Static thresholds (L_min, L_low, L_high, L_max) in tokens, as each task module declares them:
+# the plateau is the range the paper observed after about 100 steps (REFERENCE §6), with ramps to
 # 0.5x L_low and 1.5x L_high, the same rule the adaptive thresholds use.
-DEFAULT_LENGTH_THRESHOLDS: dict[str, tuple[float, float, float, float]] = {
-    "spatial_grounding": (25.0, 50.0, 80.0, 120.0),
-    "spatial_reasoning": (150.0, 300.0, 600.0, 900.0),
-    "general_vqa": (500.0, 1000.0, 1400.0, 2100.0),
-    "math_reasoning": (300.0, 600.0, 1100.0, 1650.0),
-    "chart_figure_qa": (400.0, 800.0, 1000.0, 1500.0),
-    "ocr": (15.0, 30.0, 50.0, 75.0),
-}
+DEFAULT_LENGTH_THRESHOLDS = LENGTH_THRESHOLDS
 
 
 def static_thresholds(table: Mapping[str, Sequence[float]] | None = None) -> np.ndarray:
   """float32[NUM_TASKS, 4] in taxonomy order, checked L_min < L_low ≤ L_high < L_max."""
   table = dict(DEFAULT_LENGTH_THRESHOLDS if table is None else table)
-  if set(table) != set(TASK_TYPES):
-    raise ValueError(f"length thresholds: expected one entry per task type {TASK_TYPES}, got "
-                     f"{sorted(table)}")
+  check(set(table) == set(TASK_TYPES), "thresholds", f"one entry per task type {TASK_TYPES}",
+        sorted(table))
+  for task in TASK_TYPES:
+    th = tuple(table[task])
+    check(len(th) == 4 and 0 <= th[0] < th[1] <= th[2] < th[3], f"thresholds.{task}",
+          "(L_min, L_low, L_high, L_max) with 0 <= L_min < L_low <= L_high < L_max", th)
   out = np.asarray([table[t] for t in TASK_TYPES], np.float32)
-  if out.shape != (NUM_TASKS, 4):
-    raise ValueError(f"length thresholds: expected (L_min, L_low, L_high, L_max) per task, got "
-                     f"{table!r}")
-  for task, (l_min, l_low, l_high, l_max) in zip(TASK_TYPES, out):
-    if not 0 <= l_min < l_low <= l_high < l_max:
-      raise ValueError(f"length thresholds[{task!r}]: expected 0 <= L_min < L_low <= L_high < "
-                       f"L_max, got {(l_min, l_low, l_high, l_max)}")
   return out
 
 
@@ -192,18 +188,15 @@ class AdaptiveLengthConfig:
       tuple(float(v) for v in row) for row in static_thresholds())
 
   def __post_init__(self):
-    if self.max_length < 1 or self.num_bins < 1:
-      raise ValueError(f"max_length/num_bins: expected >= 1, got {self.max_length}/"
-                       f"{self.num_bins}")
-    if not 0 < self.decay <= 1:
-      raise ValueError(f"decay: got {self.decay}, expected 0 < decay <= 1")
-    if not 0 <= self.plateau[0] <= self.plateau[1] <= 1:
-      raise ValueError(f"plateau: got {self.plateau}, expected quantiles 0 <= lo <= hi <= 1")
-    if not 0 < self.ramp < 1:
-      raise ValueError(f"ramp: got {self.ramp}, expected 0 < ramp < 1")
-    if np.shape(self.prior) != (self.num_tasks, 4):
-      raise ValueError(f"prior: expected {self.num_tasks} rows of (L_min, L_low, L_high, L_max), "
-                       f"got shape {np.shape(self.prior)}")
+    check(positive_int(self.max_length), "max_length", "a positive integer", self.max_length)
+    check(positive_int(self.num_bins), "num_bins", "a positive integer", self.num_bins)
+    check(0 < self.decay <= 1, "decay", "0 < decay <= 1", self.decay)
+    check(0 <= self.plateau[0] <= self.plateau[1] <= 1, "plateau",
+          "quantiles 0 <= lo <= hi <= 1", self.plateau)
+    check(0 < self.ramp < 1, "ramp", "0 < ramp < 1", self.ramp)
+    check(self.min_count >= 0, "min_count", "a number >= 0", self.min_count)
+    check(np.shape(self.prior) == (self.num_tasks, 4), "prior",
+          f"{self.num_tasks} rows of (L_min, L_low, L_high, L_max)", self.prior)
 
   def init(self) -> LengthStats:
     return LengthStats(hist=jnp.zeros((self.num_tasks, self.num_bins), jnp.float32))

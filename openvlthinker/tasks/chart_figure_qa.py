@@ -157,7 +157,9 @@ def _ask_pie(rng, difficulty, colors, values):
           f"Shares: {seen}. Largest: {best} ({letter}).", {"ask": "largest"})
 
 
-@registry.register_task("chart_figure_qa", ("numerical", "multiple choice"))
+# Length: the paper saw 800-1000 tokens of reasoning.
+@registry.register_task("chart_figure_qa", ("numerical", "multiple choice"),
+                        length_thresholds=(400, 800, 1000, 1500))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One chart (bar, line or pie) and one question about its values."""
   chart = answers.pick(rng, ("bar", "line", "pie"))

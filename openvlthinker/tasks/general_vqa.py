@@ -101,7 +101,9 @@ def _odd(rng, difficulty, size):
 _BUILDERS = {"color": _color, "shape": _shape, "count": _count, "odd": _odd}
 
 
-@registry.register_task("general_vqa", ("multiple choice",))
+# Length: science and STEM questions take the longest chains, 1000-1400 tokens in the paper.
+@registry.register_task("general_vqa", ("multiple choice",), aliases=("general_vqa_science_stem",),
+                        length_thresholds=(500, 1000, 1400, 2100))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One attribute question (colour, shape, count or odd one out) with 4 options."""
   kind = answers.pick(rng, _KINDS)

@@ -155,7 +155,8 @@ def _draw_figure(draw, size, problem):
     render.draw_centered(draw, (c + radius / 2, c - s(8)), str(problem["r"]), label)
 
 
-@registry.register_task("math_reasoning", ("math",))
+# Length: the paper saw 600-1100 tokens of reasoning.
+@registry.register_task("math_reasoning", ("math",), length_thresholds=(300, 600, 1100, 1650))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One arithmetic, algebra or geometry problem, drawn in the image."""
   kind = answers.pick(rng, _POOLS[difficulty])

@@ -41,7 +41,8 @@ def _fit(lines, size, angle, start):
   raise ValueError(f"ocr: lines {lines} do not fit a {size} px image")
 
 
-@registry.register_task("ocr", ("ocr",))
+# Length: reading needs little reasoning; the paper saw 30-50 tokens.
+@registry.register_task("ocr", ("ocr",), length_thresholds=(15, 30, 50, 75))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """1-3 words drawn one per line; the answer is the words in reading order."""
   lo, hi, max_angle, sigma, start = _LEVELS[difficulty]

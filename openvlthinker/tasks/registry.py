@@ -1,9 +1,13 @@
-"""Task registry and the deterministic (task, split, index, difficulty, image_size) -> Example map.
+"""Task registry: the one list of task types, and the deterministic (task, split, index,
+difficulty, image_size) -> Example map.
 
-A task type is one function `sample(rng, difficulty, image_size) -> Example` registered with
-`@register_task(name, problem_types)` in the module `openvlthinker.tasks.<name>`; `get_task`
-imports that module on first use. The generator must put a `scene` string in `Example.meta`: the
-full content it drew (objects, numbers, words, question choice), everything but pixel noise.
+A task type is one module listed in TASK_MODULES that registers one generator
+`sample(rng, difficulty, image_size) -> Example` with `@register_task(name, problem_types,
+length_thresholds=...)`, declaring there its name, problem types, public-data aliases and shaping
+defaults. `taxonomy.TASK_TYPES`, the per-task shaping defaults and the config's per-task tables
+are all derived from this list, in its order: adding a task type is its module plus its line in
+TASK_MODULES, nothing else. The generator must put a `scene` string in `Example.meta`: the full
+content it drew (objects, numbers, words, question choice), everything but pixel noise.
 
 Held-out split, disjoint from training by construction: a scene belongs to the eval split when a
 hash of (task type, scene) falls in one of EVAL_BUCKETS buckets, else to train. `generate` draws
@@ -11,17 +15,33 @@ from a seed stream keyed by the split (numpy SeedSequence entropy [split, task, 
 image_size, index, attempt]) and keeps the first sample whose scene belongs to the requested split,
 so no eval scene can ever be produced for train, at any index, and evaluations are comparable
 across runs. Eval costs about EVAL_BUCKETS draws per example, train about 1.14.
+
+This module must not import `taxonomy`, which imports it.
 """
 import dataclasses
 import hashlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from openvlthinker import taxonomy
 from openvlthinker.tasks import answers
-from openvlthinker.tasks.base import Example
+from openvlthinker.tasks.base import Example, canonical_problem_type
+
+# The task modules, in task-id order. Task ids key checkpoints (length statistics), metrics and
+# seed streams, so a new task type goes at the end and existing entries never move.
+TASK_MODULES = (
+    "openvlthinker.tasks.spatial_grounding",
+    "openvlthinker.tasks.spatial_reasoning",
+    "openvlthinker.tasks.general_vqa",
+    "openvlthinker.tasks.math_reasoning",
+    "openvlthinker.tasks.chart_figure_qa",
+    "openvlthinker.tasks.ocr",
+)
+
+# The public code's entropy bounds, the same for every task (REFERENCE §5); a task whose entropy
+# should sit elsewhere declares its own.
+DEFAULT_ENTROPY_BOUNDS = (0.2, 0.6)
 
 SPLITS = ("train", "eval")
 _SPLIT_KEYS = {"train": 1, "eval": 2}
@@ -36,36 +56,91 @@ class TaskSpec:
   """A registered task type.
 
   name: canonical task type; sample(rng, difficulty, image_size) -> Example; problem_types: the
-  problem types its examples use.
+  problem types its examples use; module: the TASK_MODULES entry that registered it; aliases:
+  other spellings of the name (in public data). Shaping defaults: length_thresholds
+  (L_min, L_low, L_high, L_max) in tokens at the paper's scale (the static thresholds and the
+  adaptive prior, REFERENCE §6); entropy_bounds (H_min, H_max) (REFERENCE §5).
   """
   name: str
   sample: Sampler
   problem_types: tuple[str, ...]
+  module: str
+  length_thresholds: tuple[float, float, float, float]
+  entropy_bounds: tuple[float, float] = DEFAULT_ENTROPY_BOUNDS
+  aliases: tuple[str, ...] = ()
 
 
 TASKS: dict[str, TaskSpec] = {}
+_BY_MODULE: dict[str, TaskSpec] = {}
+_ALIASES: dict[str, str] = {}
 
 
-def register_task(name: str, problem_types: tuple[str, ...]) -> Callable[[Sampler], Sampler]:
-  """Decorator registering `sample` as the generator of task type `name`."""
-  key = taxonomy.canonical_task_type(name)
-  kinds = tuple(taxonomy.canonical_problem_type(p) for p in problem_types)
+def register_task(name: str, problem_types: Sequence[str], *,
+                  length_thresholds: Sequence[float],
+                  entropy_bounds: Sequence[float] = DEFAULT_ENTROPY_BOUNDS,
+                  aliases: Sequence[str] = ()) -> Callable[[Sampler], Sampler]:
+  """Decorator registering `sample` as the generator of task type `name` (see TaskSpec).
+
+  The decorated function's module must be listed in TASK_MODULES, since that list orders the task
+  ids; the threshold and bound values are checked where they are used (`rl.shaping`).
+  """
+  kinds = tuple(canonical_problem_type(p) for p in problem_types)
+  thresholds = tuple(float(v) for v in length_thresholds)
+  bounds = tuple(float(v) for v in entropy_bounds)
+  if len(thresholds) != 4 or len(bounds) != 2:
+    raise ValueError(f"task_type {name!r}: expected length_thresholds (L_min, L_low, L_high, "
+                     f"L_max) and entropy_bounds (H_min, H_max), got {length_thresholds!r} and "
+                     f"{entropy_bounds!r}")
 
   def decorate(sample: Sampler) -> Sampler:
-    if key in TASKS:
-      raise ValueError(f"task_type: {key!r} is already registered")
-    TASKS[key] = TaskSpec(key, sample, kinds)
+    module = sample.__module__
+    for key in (name, *aliases):
+      if key in TASKS or key in _ALIASES:
+        raise ValueError(f"task_type: {key!r} is already registered")
+    if module not in TASK_MODULES:
+      raise ValueError(f"task_type {name!r}: its module {module!r} is not listed in "
+                       "openvlthinker.tasks.registry.TASK_MODULES (add it at the end: that list "
+                       "orders the task ids)")
+    if module in _BY_MODULE:
+      raise ValueError(f"{module}: registers {_BY_MODULE[module].name!r} already (one task type "
+                       f"per module), got {name!r} too")
+    spec = TaskSpec(name, sample, kinds, module, thresholds, bounds, tuple(aliases))
+    TASKS[name] = _BY_MODULE[module] = spec
+    _ALIASES.update((a, name) for a in aliases)
     return sample
 
   return decorate
 
 
-def get_task(name: str) -> TaskSpec:
-  """The TaskSpec of task type `name` (aliases accepted), importing its module on first use."""
-  key = taxonomy.canonical_task_type(name)
+def task_specs() -> tuple[TaskSpec, ...]:
+  """Every task type, in task-id order (TASK_MODULES), importing the modules not yet imported."""
+  for module in TASK_MODULES:
+    if module not in _BY_MODULE:
+      importlib.import_module(module)
+      if module not in _BY_MODULE:
+        raise ValueError(f"{module}: listed in TASK_MODULES but registers no task type "
+                         "(@register_task)")
+  return tuple(_BY_MODULE[m] for m in TASK_MODULES)
+
+
+def all_task_types() -> tuple[str, ...]:
+  """Every task type's canonical name, in task-id order (imports all task modules)."""
+  return tuple(spec.name for spec in task_specs())
+
+
+def canonical_task_type(name: str) -> str:
+  """The canonical task type of `name` (aliases accepted), or a ValueError naming the choices."""
+  task_specs()
+  key = _ALIASES.get(name, name)
   if key not in TASKS:
-    importlib.import_module(f"openvlthinker.tasks.{key}")
-  return TASKS[key]
+    raise ValueError(f"task_type: got {name!r}, expected one of {all_task_types()} "
+                     f"(or an alias in {sorted(_ALIASES)})")
+  return key
+
+
+def get_task(name: str) -> TaskSpec:
+  """The TaskSpec of task type `name` (aliases accepted)."""
+  return TASKS[canonical_task_type(name)]
 
 
 def split_of(task_type: str, scene: str) -> str:
@@ -77,7 +152,8 @@ def split_of(task_type: str, scene: str) -> str:
 def seed_entropy(task_type: str, split: str, index: int, difficulty: int, image_size: int,
                  attempt: int) -> list[int]:
   """The SeedSequence entropy of one draw; the first word keys the split."""
-  return [_SPLIT_KEYS[split], taxonomy.task_id(task_type), difficulty, image_size, index, attempt]
+  task = all_task_types().index(canonical_task_type(task_type))
+  return [_SPLIT_KEYS[split], task, difficulty, image_size, index, attempt]
 
 
 def generate(task_type: str, split: str, index: int, difficulty: int = 0,
@@ -106,8 +182,3 @@ def generate(task_type: str, split: str, index: int, difficulty: int = 0,
       return dataclasses.replace(example, uid=uid, meta=meta)
   raise RuntimeError(f"{spec.name}: no {split} scene in {_MAX_ATTEMPTS} draws (index {index}); "
                      "the generator's scene space is too small")
-
-
-def all_task_types() -> tuple[str, ...]:
-  """Every task type of the taxonomy, each registered (imports all task modules)."""
-  return tuple(get_task(name).name for name in taxonomy.TASK_TYPES)

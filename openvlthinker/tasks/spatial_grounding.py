@@ -28,7 +28,9 @@ def _attributes(rng: np.random.Generator, n: int, difficulty: int) -> list[tuple
   return attrs
 
 
-@registry.register_task("spatial_grounding", ("spatial grounding",))
+# Length: a short answer after a short look; the paper saw about 65 tokens (taken as 50-80).
+@registry.register_task("spatial_grounding", ("spatial grounding",),
+                        length_thresholds=(25, 50, 80, 120))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """A scene of shapes and the question "Where is the <colour> <kind>?"; answer its box."""
   n = _NUM_SHAPES[difficulty]

@@ -151,7 +151,9 @@ _BUILDERS = {"relation": _relation, "nearest": _nearest, "bigger": _bigger, "cou
              "distance": _distance, "ratio": _ratio}
 
 
-@registry.register_task("spatial_reasoning", ("multiple choice", "numerical", "regression"))
+# Length: the paper saw 300-600 tokens of reasoning.
+@registry.register_task("spatial_reasoning", ("multiple choice", "numerical", "regression"),
+                        length_thresholds=(150, 300, 600, 900))
 def sample(rng: np.random.Generator, difficulty: int = 0, image_size: int = 64) -> Example:
   """One relation question about a scene of named shapes."""
   kind = answers.pick(rng, _KINDS)

@@ -1,4 +1,5 @@
-"""Everything a run builds once from its validated config: mesh, model, tokenizer, data configs."""
+"""Everything a run builds once from its validated config: mesh, model (by family name, through
+`models.registry`), tokenizer, data configs."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ from flax import nnx
 from openvlthinker import sharding, taxonomy
 from openvlthinker.data import pipeline
 from openvlthinker.data.tokenizer import load_tokenizer
-from openvlthinker.models.build import build_model, vlm_config
-from openvlthinker.models.vlm import VLMConfig
+from openvlthinker.models import registry
+from openvlthinker.models.protocol import VisionLanguageModel
 
 
 @dataclasses.dataclass
@@ -20,18 +21,26 @@ class Context:
   config: ml_collections.ConfigDict
   workdir: str
   sharder: sharding.Sharder
-  model_config: VLMConfig
+  model: VisionLanguageModel     # the initial model (its graph and initial parameters)
+  model_info: registry.FamilyInfo
   graphdef: nnx.GraphDef
   initial_params: Any
   tokenizer: Any
 
+  @property
+  def uses_images(self) -> bool:
+    return self.model_info.has_vision
+
   def data_config(self, batch_size: int, split: str = "train") -> pipeline.DataConfig:
+    """The data layer's config; the image size and its token count come from the model."""
     d = self.config.data
+    size = self.config.model.vision.image_size
+    image_tokens = self.model.tokens_per_image(size, size) if self.uses_images else 0
     return pipeline.DataConfig(
         source=d.source, path=d.path, image_root=d.image_root, tfds_config=d.tfds_config,
         split=split, batch_size=batch_size, seq_len=d.seq_len,
-        prompt_buckets=tuple(d.prompt_buckets), image_size=self.model_config.vision.image_size,
-        num_image_tokens=self.model_config.num_image_tokens, max_images=d.max_images,
+        prompt_buckets=tuple(d.prompt_buckets), image_size=size,
+        num_image_tokens=image_tokens, max_images=d.max_images,
         mixture=d.mixture.to_dict(), difficulty=d.difficulty.to_dict(), seed=self.config.seed,
         worker_count=d.worker_count, skip_missing_images=d.skip_missing_images)
 
@@ -44,23 +53,17 @@ def make_sharder(config: ml_collections.ConfigDict) -> sharding.Sharder:
 
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   sharder = make_sharder(config)
-  model_config = vlm_config(config.model)
   tokenizer = load_tokenizer(config.tokenizer.path or None)
-  if tokenizer.vocab_size > model_config.text.vocab_size:
+  model, info = registry.build(config.model, sharder, seed=config.seed)
+  if tokenizer.vocab_size > info.vocab_size:
     raise ValueError(f"model.vocab_size: expected at least the tokenizer's "
-                     f"{tokenizer.vocab_size}, got {model_config.text.vocab_size}")
-  if tokenizer.image_id != model_config.image_token_id:
+                     f"{tokenizer.vocab_size}, got {info.vocab_size}")
+  if tokenizer.image_id != info.image_token_id:
     raise ValueError(f"model.image_token_id: expected the tokenizer's <image> id "
-                     f"{tokenizer.image_id}, got {model_config.image_token_id}")
-  model = build_model(model_config, sharder, seed=config.seed)
+                     f"{tokenizer.image_id}, got {info.image_token_id}")
   graphdef, params = nnx.split(model)
-  return Context(config=config, workdir=workdir, sharder=sharder, model_config=model_config,
+  return Context(config=config, workdir=workdir, sharder=sharder, model=model, model_info=info,
                  graphdef=graphdef, initial_params=params, tokenizer=tokenizer)
-
-
-def num_task_keys(key: str) -> int:
-  """How many distinct ids `task_key_ids` can return for `key` (a static bound)."""
-  return len(taxonomy.TASK_TYPES) if key == "task_type" else len(taxonomy.PROBLEM_TYPES)
 
 
 def task_key_ids(problem_types, task_ids, key: str):

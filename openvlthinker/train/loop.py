@@ -1,4 +1,5 @@
-"""What every training stage shares: state checkpoints with resume, SIGTERM, progress display.
+"""What every training stage shares: `run_stage` (resume, metrics truncation, SIGTERM, checkpoint
+cadence, progress bar) over state checkpoints saved as flat dicts.
 
 The train state is saved as a flat dict keyed by readable pytree paths, so any pytree (nnx.State,
 optax states, shaping statistics) round-trips through orbax without custom handlers.
@@ -9,7 +10,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 
@@ -91,5 +92,50 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
 
 class _NoBar:
   def update(self, n=1): ...
-  def set_postfix(self, **kw): ...
+  def set_postfix(self, *a, **kw): ...
   def close(self): ...
+
+
+def run_stage(name: str, steps: int, state: Any, step_fn: Callable[[Any, int], tuple[Any, dict]],
+              data_iter, ckpts: StageCheckpoints, writer, *, checkpoint_every: int,
+              progress_bar: bool, postfix: Iterable[str] = (),
+              after_step: Callable[[int, Any, bool], None] | None = None,
+              save_meta: Callable[[], dict] = dict, load_meta: Callable[[dict], None] = lambda m: None,
+              truncate: Iterable[str] = ()) -> Any:
+  """Runs steps [start, steps) of a stage and returns the final state.
+
+  Resumes from the newest readable checkpoint (state, data-iterator state, `load_meta(meta)`),
+  cuts the metrics of `name` and of the stages in `truncate` back to that step, and calls
+  `step_fn(state, step) -> (state, metrics)` for each remaining step, then `after_step(step + 1,
+  state, done)`. Saves every `checkpoint_every` steps, at the end and on SIGTERM; after a SIGTERM
+  save raises `Preempted`.
+  """
+  start = 0
+  restored = ckpts.restore(state)
+  if restored is not None:
+    start, state, meta = restored
+    data_iter.set_state(meta["data_iterator"])
+    load_meta(meta)
+  for stage in (name, *truncate):
+    writer.truncate_after(stage, start)
+  if start >= steps:
+    return state
+  preempt = Preemption()
+  bar = progress(steps, start, name, progress_bar)
+  try:
+    for step in range(start, steps):
+      state, metrics = step_fn(state, step)
+      writer.write(name, step + 1, metrics)
+      bar.update()
+      bar.set_postfix({k: f"{metrics[k]:.3f}" for k in postfix})
+      done = step + 1 == steps
+      if after_step is not None:
+        after_step(step + 1, state, done)
+      if done or (step + 1) % checkpoint_every == 0 or preempt.requested:
+        ckpts.save(step + 1, state, {"data_iterator": data_iter.get_state(), **save_meta()})
+      if preempt.requested and not done:
+        raise Preempted(f"SIGTERM: saved the {name} checkpoint at step {step + 1}")
+  finally:
+    bar.close()
+    preempt.restore()
+  return state

@@ -8,7 +8,6 @@ micro-batch scan, and the accumulated gradient equals the full-minibatch gradien
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +16,12 @@ from flax import nnx
 
 from openvlthinker import sampler as sampler_lib
 from openvlthinker.rl import losses, shaping
+from openvlthinker.train.batch import RolloutBatch
 from openvlthinker.train.state import TrainState, apply_gradients
 
-# Arrays of a minibatch the update reads (leading axis: rows).
-UPDATE_KEYS = ("sequence_tokens", "sequence_positions", "sequence_mask", "prefix_mask", "tokens",
-               "old_logprobs", "response_mask", "images", "task_ids", "advantages", "ref_logprobs")
 
-
-class _Responses(NamedTuple):
-  """What `sampler.response_logprobs` reads of a SamplerOutput."""
-  tokens: jax.Array
-  response_mask: jax.Array
-  response_start: int
-
-
-def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
-                    response_start: int, sampler_config, group_size: int = 1
-                    ) -> tuple[jax.Array, jax.Array]:
+def policy_logprobs(params, graphdef: nnx.GraphDef, mb: RolloutBatch, sampler_config,
+                    group_size: int = 1) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced log-probs and exact entropies float32[b, Lr] of the sampled responses.
 
   With group_size G > 1 the rows come in groups of G responses to one prompt (prompt-major), and
@@ -42,63 +30,62 @@ def policy_logprobs(params, graphdef: nnx.GraphDef, mb: dict[str, jax.Array],
   prompt + response, at about (Lb/G + Lr)/(Lb + Lr) of its cost.
   """
   model = nnx.merge(graphdef, params)
-  images = mb.get("images")
-  responses = _Responses(mb["tokens"], mb["response_mask"], response_start)
+  lb = mb.response_start
+  logprobs = lambda logits: sampler_lib.response_logprobs(logits, mb.tokens, mb.response_mask, lb,
+                                                          sampler_config)
   if group_size == 1:
-    logits, _ = model(mb["sequence_tokens"], mb["sequence_positions"], images,
-                      input_mask=mb["sequence_mask"], prefix_mask=mb["prefix_mask"],
-                      logits_from=response_start - 1)
-    return sampler_lib.response_logprobs(logits, responses, sampler_config)
-  g, lb = group_size, response_start
-  prompt = lambda x: x[::g, :lb]
-  lr = mb["tokens"].shape[1]
-  cache = model.init_cache(mb["tokens"].shape[0] // g, lb + lr)
-  prompt_logits, cache = model(prompt(mb["sequence_tokens"]), prompt(mb["sequence_positions"]),
-                               None if images is None else images[::g], cache,
-                               input_mask=prompt(mb["sequence_mask"]),
-                               prefix_mask=prompt(mb["prefix_mask"]), logits_from=lb - 1)
-  cache = cache.replace(k=tuple(jnp.repeat(x, g, axis=0) for x in cache.k),
-                        v=tuple(jnp.repeat(x, g, axis=0) for x in cache.v),
-                        valid=jnp.repeat(cache.valid, g, axis=0))
-  response_logits, _ = model(mb["sequence_tokens"][:, lb:], mb["sequence_positions"][:, lb:],
-                             None, cache, input_mask=mb["sequence_mask"][:, lb:])
+    logits, _ = model(mb.sequence_tokens, mb.sequence_positions, mb.images,
+                      input_mask=mb.sequence_mask, prefix_mask=mb.prefix_mask,
+                      logits_from=lb - 1)
+    return logprobs(logits)
+  g = group_size
+  prompt = lambda x: jax.tree.map(lambda a: a[::g, :lb], x)
+  response = lambda x: jax.tree.map(lambda a: a[:, lb:], x)
+  lr = mb.tokens.shape[1]
+  cache = model.init_cache(mb.tokens.shape[0] // g, lb + lr)
+  prompt_logits, cache = model(prompt(mb.sequence_tokens), prompt(mb.sequence_positions),
+                               None if mb.images is None else mb.images[::g], cache,
+                               input_mask=prompt(mb.sequence_mask),
+                               prefix_mask=prompt(mb.prefix_mask), logits_from=lb - 1)
+  response_logits, _ = model(response(mb.sequence_tokens), response(mb.sequence_positions), None,
+                             model.repeat_cache(cache, g), input_mask=response(mb.sequence_mask))
   # Columns lb - 1 … lb + Lr - 1 of the sequence: the prompt's last column predicts token 0.
-  logits = jnp.concatenate([jnp.repeat(prompt_logits, g, axis=0), response_logits], axis=1)
-  return sampler_lib.response_logprobs(logits, responses, sampler_config)
+  return logprobs(jnp.concatenate([jnp.repeat(prompt_logits, g, axis=0), response_logits], axis=1))
 
 
-def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, response_start: int,
-                sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
-                entropy: shaping.EntropyShapingConfig | None, nan_at_step: int = -1, group_size: int = 1):
-  """(TrainState, minibatch) → (TrainState, metrics), jitted with the state donated.
+def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, sampler_config,
+                loss_config: losses.PolicyLossConfig, num_micro: int,
+                entropy: shaping.EntropyShapingConfig | None, nan_at_step: int = -1,
+                group_size: int = 1):
+  """(TrainState, RolloutBatch minibatch) → (TrainState, metrics), jitted with the state donated
+  (one compile per batch shape and `response_start`).
 
   `nan_at_step` is a test hook: the loss of that optimizer step is multiplied by NaN, so the
   non-finite-gradient skip can be exercised end to end. `group_size` > 1 shares each prompt's
   forward among its responses (`policy_logprobs`); micro-batches must then hold whole groups.
   """
 
-  def micro_loss(params, mb, denominator):
-    logp, exact_entropy = policy_logprobs(params, graphdef, mb, response_start, sampler_config,
-                                          group_size)
-    mask = mb["response_mask"]
-    ref = mb.get("ref_logprobs") if loss_config.kl_coef > 0 else None
-    pl = losses.policy_loss(logp, mb["old_logprobs"], mb["advantages"], mask, loss_config,
-                            ref_logp=ref, task_ids=mb["task_ids"])
+  def micro_loss(params, mb: RolloutBatch, denominator):
+    logp, exact_entropy = policy_logprobs(params, graphdef, mb, sampler_config, group_size)
+    mask = mb.response_mask
+    ref = mb.ref_logprobs if loss_config.kl_coef > 0 else None
+    pl = losses.policy_loss(logp, mb.old_logprobs, mb.advantages, mask, loss_config,
+                            ref_logp=ref, task_ids=mb.task_ids)
     loss = pl.numerator / jnp.maximum(denominator, 1e-30)
     metrics = dict(pl.metrics)
     if entropy is not None and entropy.enabled:
       token_entropy = (exact_entropy if entropy.estimator == "exact"
                        else shaping.sampled_token_entropy(logp))
-      ent_loss, _, _ = shaping.entropy_penalty(token_entropy, mask, mb["task_ids"],
+      ent_loss, _, _ = shaping.entropy_penalty(token_entropy, mask, mb.task_ids,
                                                *entropy.bounds())
       loss = loss + entropy.coef * ent_loss / num_micro
       metrics["entropy_loss_sum"] = ent_loss
     return loss, (pl.numerator, metrics)
 
-  def update(state: TrainState, mb: dict[str, jax.Array]):
+  def update(state: TrainState, mb: RolloutBatch):
     # Denominator of the whole minibatch from its masks alone (no forward needed).
-    zeros = jnp.zeros(mb["old_logprobs"].shape, jnp.float32)
-    denominator = losses.policy_loss(zeros, zeros, zeros[:, 0], mb["response_mask"],
+    zeros = jnp.zeros(mb.old_logprobs.shape, jnp.float32)
+    denominator = losses.policy_loss(zeros, zeros, zeros[:, 0], mb.response_mask,
                                      dataclasses.replace(loss_config, kl_coef=0.0)).denominator
     micro = jax.tree.map(lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]),
                          mb)
@@ -113,10 +100,8 @@ def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, res
     # Start from the identity of each reduction, so the gradient is traced once (in the scan).
     met_shapes = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro),
                                                 denominator)[1][1])
-    identity = lambda k, s: jnp.full(s.shape, jnp.inf if k.endswith("_min") else
-                                     -jnp.inf if k.endswith("_max") else 0.0, s.dtype)
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            {k: identity(k, s) for k, s in met_shapes.items()})
+            losses.metrics_identity(met_shapes))
     (grads, numerator, metrics), _ = jax.lax.scan(body, init, micro)
     poison = jnp.where(state.step == nan_at_step, jnp.nan, 1.0)
     grads = jax.tree.map(lambda g: g * poison, grads)

@@ -13,7 +13,8 @@ import sys
 import jax
 import numpy as np
 
-from openvlthinker import evaluate, plots
+from openvlthinker import eval as eval_lib
+from openvlthinker import plots
 from openvlthinker.metrics import MetricsWriter
 from openvlthinker.train import loop, sft
 from openvlthinker.train.context import build_context
@@ -30,8 +31,8 @@ def _sft_params_or_initial(ctx, writer, mode: str):
 
 
 def report(workdir: str, evals: dict) -> str:
-  table = evaluate.format_table(evals, "overall")
-  accuracy = evaluate.format_table(evals, "accuracy")
+  table = eval_lib.format_table(evals, "overall")
+  accuracy = eval_lib.format_table(evals, "accuracy")
   before, after = evals["before_rl"]["overall"], evals["after_rl"]["overall"]
   improved = int(np.sum(after > before + 1e-9))
   present = int(np.sum(np.isfinite(before)))
@@ -58,12 +59,12 @@ def run(config, workdir: str, mode: str):
     params = _sft_params_or_initial(ctx, writer, mode)
     if mode == "sft":
       return
+    if mode == "eval":
+      results = eval_lib.build_evaluator(ctx)(params, jax.random.key(0))
+      print(eval_lib.format_table({"eval": results}, "overall"))
+      return
     from openvlthinker.train.rl_stage import RLStage
     stage = RLStage(ctx, writer)
-    if mode == "eval":
-      results = stage.evaluator(params, jax.random.key(0))
-      print(evaluate.format_table({"eval": results}, "overall"))
-      return
     _, evals = stage.run(params)
     print(report(workdir, evals))
     for path in plots.write_plots(workdir, evals):

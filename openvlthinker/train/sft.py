@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from openvlthinker.train.state import TrainState, apply_gradients
+from openvlthinker.data import pipeline
+from openvlthinker.train import loop
+from openvlthinker.train.state import (TrainState, apply_gradients, create_train_state,
+                                       make_optimizer)
 
 
 def prefix_mask_of(input_mask: jax.Array, target_mask: jax.Array) -> jax.Array:
@@ -53,57 +56,37 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, stat
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
+def sft_optimizer(sft) -> optax.GradientTransformation:
+  """AdamW of the `config.sft` section."""
+  return make_optimizer(sft.learning_rate, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
+                        warmup_steps=sft.warmup_steps)
+
+
 def run_sft(ctx, metrics_writer) -> Any:
   """Runs (or resumes, or skips when finished) the SFT stage; returns the final parameters."""
-  from openvlthinker.data import pipeline  # pylint: disable=g-import-not-at-top
-  from openvlthinker.sharding import batch_sharding
-  from openvlthinker.train import loop
-  from openvlthinker.train.state import create_train_state, make_optimizer
-
   c = ctx.config
-  steps = c.sft.steps
-  tx = make_optimizer(c.sft.learning_rate, weight_decay=c.sft.weight_decay,
-                      grad_clip=c.sft.grad_clip, warmup_steps=c.sft.warmup_steps)
-  state = create_train_state(ctx.initial_params, tx, c.seed)
-  if steps == 0:
-    return state.params
-  ckpts = loop.StageCheckpoints(ctx.workdir, "sft", c.checkpoint.keep)
+  tx = sft_optimizer(c.sft)
+  if c.sft.steps == 0:
+    return ctx.initial_params
+  state, state_shardings = create_train_state(ctx.initial_params, tx, ctx.sharder)
   data_iter = iter(pipeline.sft_dataset(ctx.data_config(c.data.batch_size), ctx.tokenizer))
-  restored = ckpts.restore(state)
-  if restored is not None:
-    _, state, meta = restored
-    data_iter.set_state(meta["data_iterator"])
-  start = int(state.step)
-  metrics_writer.truncate_after("sft", start)
-  if start >= steps:
-    return state.params
+  compiled = {}
 
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  batch_keys = pipeline.SFT_DEVICE_KEYS
-  shard = lambda b: {k: jax.device_put(b[k], batch_sharding(ctx.sharder, b[k].ndim, b[k].shape))
-                     for k in batch_keys}
-  step_fn = None
-  preempt = loop.Preemption()
-  bar = loop.progress(steps, start, "sft", c.progress_bar)
-  try:
-    for step in range(start, steps):
-      batch = next(data_iter)
-      device_batch = shard(batch)
-      if step_fn is None:
-        step_fn = make_sft_step(ctx.graphdef, tx, state_shardings,
-                                jax.tree.map(lambda x: x.sharding, device_batch))
-      state, metrics = step_fn(state, device_batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics["records_dropped"] = int(batch["num_dropped"])
-      metrics_writer.write("sft", step + 1, metrics)
-      bar.update()
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.3f}")
-      done = step + 1 == steps
-      if done or (step + 1) % c.checkpoint.every == 0 or preempt.requested:
-        ckpts.save(step + 1, state, {"data_iterator": data_iter.get_state()})
-      if preempt.requested and not done:
-        raise loop.Preempted(f"SIGTERM: saved the SFT checkpoint at step {step + 1}")
-  finally:
-    bar.close()
-    preempt.restore()
+  def sft_step(state, step):
+    del step
+    batch = next(data_iter)
+    device_batch = {k: ctx.sharder.put_batch(batch[k]) for k in pipeline.SFT_DEVICE_KEYS}
+    if "fn" not in compiled:  # Batches have one shape: one compile.
+      compiled["fn"] = make_sft_step(ctx.graphdef, tx, state_shardings,
+                                     jax.tree.map(lambda x: x.sharding, device_batch))
+    state, metrics = compiled["fn"](state, device_batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["records_dropped"] = int(batch["num_dropped"])
+    return state, metrics
+
+  state = loop.run_stage(
+      "sft", c.sft.steps, state, sft_step, data_iter,
+      loop.StageCheckpoints(ctx.workdir, "sft", c.checkpoint.keep), metrics_writer,
+      checkpoint_every=c.checkpoint.every, progress_bar=c.progress_bar,
+      postfix=("loss", "token_accuracy"))
   return state.params

@@ -1,8 +1,11 @@
-"""Train state (params, optimizer state, step, rng) and the one update rule every stage shares.
+"""Train state (params, optimizer state, step) and the one update rule every stage shares.
 
 Parameters live in an `nnx.State` split from the model; the graph definition stays outside jit as
-static data. The update clips by global norm and skips a step whose gradient norm is not finite
-(parameters and optimizer state unchanged, the skip counted), as REFERENCE §4 asks.
+static data. Every leaf of the state has the sharding the rule table gives (`state_shardings`):
+parameters by their logical axes, each optimizer moment like its parameter, scalars replicated on
+the mesh; the state is created under jit with those out_shardings, so nothing sits on device 0.
+The update clips by global norm and skips a step whose gradient norm is not finite (parameters and
+optimizer state unchanged, the skip counted), as REFERENCE §4 asks.
 """
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from openvlthinker import sharding
+from openvlthinker.sharding import Sharder
+
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array          # int32[]
   params: Any              # nnx.State of the model's parameters
   opt_state: Any
-  rng: jax.Array           # uint32[2] raw key data (checkpointable as a plain array)
   skipped: jax.Array       # int32[]: updates skipped for a non-finite gradient norm
   extra: Any = None        # e.g. shaping statistics; a pytree of arrays
 
@@ -39,13 +44,44 @@ def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
   return optax.chain(*chain)
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation, seed: int,
-                       extra: Any = None) -> TrainState:
-  """Optimizer state is created by a jitted init, so it inherits the parameters' shardings."""
-  opt_state = jax.jit(tx.init)(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    rng=jax.random.key_data(jax.random.key(seed)),
-                    skipped=jnp.zeros((), jnp.int32), extra=extra)
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(k) for k in path)
+
+
+def state_shardings(abstract: TrainState, sharder: Sharder) -> TrainState:
+  """The NamedSharding of every leaf of a (possibly abstract) TrainState, from the rule table.
+
+  Parameters by their logical axes; an optimizer leaf whose path ends with a parameter's path (the
+  moments of AdamW, also under optax.masked) like that parameter; everything else (step, counts,
+  `extra` statistics) replicated on the mesh.
+  """
+  param_shardings = sharding.state_shardings(abstract.params, sharder)
+  by_path = {_path_names(p): (s, x.shape) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(abstract.params)[0], jax.tree.leaves(param_shardings))}
+  replicated = sharder.replicated()
+
+  def like_param(path, leaf):
+    names = _path_names(path)
+    for start in range(len(names)):
+      found, shape = by_path.get(names[start:], (None, None))
+      if found is not None and shape == leaf.shape:
+        return found
+    return replicated
+
+  opt = jax.tree_util.tree_map_with_path(like_param, abstract.opt_state)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt, skipped=replicated,
+                    extra=jax.tree.map(lambda _: replicated, abstract.extra))
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, sharder: Sharder,
+                       extra: Any = None) -> tuple[TrainState, TrainState]:
+  """A fresh state and its shardings (see `state_shardings`), made by one jitted init."""
+  def init(params, extra):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      skipped=jnp.zeros((), jnp.int32), extra=extra)
+
+  shardings = state_shardings(jax.eval_shape(init, params, extra), sharder)
+  return jax.jit(init, out_shardings=shardings)(params, extra), shardings
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation

@@ -9,7 +9,6 @@ import pytest
 from scipy.special import ndtri
 
 from openvlthinker.rl import advantages as adv
-from openvlthinker.rl import g2rpo as g2rpo_lib
 
 B_PAD = 512  # every random batch is padded with invalid rows to this size: one compile per fn
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -282,6 +281,23 @@ def test_registry():
     adv.register_advantage_estimator("grpo")(lambda *a: None)
 
 
+def test_one_decorated_function_adds_an_estimator(monkeypatch):
+  monkeypatch.setattr(adv._ESTIMATORS, "_items", dict(adv._ESTIMATORS._items))  # no leak
+
+  @adv.register_advantage_estimator("group_max_gap")
+  def group_max_gap(rewards, group_ids, task_ids, valid=None):
+    rewards, group_ids, _, valid = adv.estimator_inputs(rewards, group_ids, task_ids, valid)
+    best = jax.ops.segment_max(jnp.where(valid, rewards, -jnp.inf), group_ids,
+                               num_segments=rewards.shape[0])
+    return jnp.where(valid, rewards - best[group_ids], 0.0)
+
+  assert "group_max_gap" in adv.advantage_estimators()
+  fn = jax.jit(adv.get_advantage_estimator("group_max_gap"))
+  got = fn(np.array([0.0, 1.0, 0.5, 2.0]), np.array([0, 0, 1, 1]), np.zeros(4),
+           np.array([True, True, True, False]))
+  np.testing.assert_array_equal(got, [-1.0, 0.0, 0.0, 0.0])
+
+
 def test_bad_shapes_name_the_argument():
   with pytest.raises(ValueError, match="group_ids"):
     adv.g2rpo_advantages(jnp.zeros(4), jnp.zeros(3, jnp.int32), jnp.zeros(4, jnp.int32))
@@ -302,107 +318,3 @@ def test_sharded_batch_gives_same_result(name):
   sharded = [jax.device_put(a, sharding) for a in args]
   assert sharded[0].addressable_shards[0].data.shape == (b // 8,)
   np.testing.assert_allclose(np.asarray(fn(*sharded)), want, rtol=0, atol=1e-6)
-
-
-# ------------------------------------------------------------- the sort-free blocked fast path
-
-BLOCK_ROWS = 256  # padded batch size of the blocked tests: one compile per (G, fn)
-
-
-@st.composite
-def blocked_batches(draw):
-  """The sampler's layout: blocks of G rows, each holding whole groups (one group of G, or
-  several smaller ones), invalid rows anywhere, task ids below num_tasks."""
-  g = draw(st.sampled_from([2, 4, 8, 16]))
-  num_tasks = draw(st.integers(1, 12))
-  values = draw(st.sampled_from([(0.0, 1.0), (0.0, 0.25, 0.5, 1.0), None]))
-  rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-  b = BLOCK_ROWS
-  rewards = (rng.choice(values, b) if values else rng.standard_normal(b)).astype(np.float32)
-  groups = np.zeros(b, np.int32)
-  tasks = np.zeros(b, np.int32)
-  next_id = 0
-  for block in range(b // g):
-    cuts = np.sort(rng.choice(np.arange(1, g), rng.integers(0, min(g, 3)), replace=False))
-    for rows in np.split(np.arange(block * g, (block + 1) * g), cuts):
-      groups[rows] = next_id
-      tasks[rows] = rng.integers(0, num_tasks)
-      next_id += 1
-  if draw(st.booleans()):  # some blocks all-equal, as binary rewards often are
-    rewards.reshape(-1, g)[rng.random(b // g) < 0.3] = 1.0
-  valid = rng.random(b) < draw(st.sampled_from([1.0, 0.8, 0.3]))
-  return dict(rewards=rewards, groups=groups, tasks=tasks, valid=valid), g, num_tasks
-
-
-@functools.lru_cache(maxsize=None)  # one compile per (name, G, T), not one per example
-def _hinted(name, g, num_tasks):
-  return jax.jit(functools.partial(adv.get_advantage_estimator(name), group_size=g,
-                                   num_tasks=num_tasks))
-
-
-_sorted_jit = jax.jit(g2rpo_lib._sorted_g2rpo, static_argnums=4)
-_blocked_jit = jax.jit(g2rpo_lib._blocked_g2rpo, static_argnums=(3, 4, 5))
-
-
-@SETTINGS
-@given(blocked_batches())
-def test_blocked_fast_path_matches_the_sorted_path(case):
-  b, g, num_tasks = case
-  args = (b["rewards"], b["groups"], b["tasks"], b["valid"])
-  entry = g2rpo_lib._table_entries(
-      *(jnp.asarray(a) for a in (b["rewards"], b["groups"], b["valid"])), g)
-  assert g2rpo_lib._blocked_layout_fits(*args, g, num_tasks)  # so the fast branch is the one run
-  for name, stages in (("g2rpo", 2), ("g2rpo_group", 1)):
-    want = np.asarray(_sorted_jit(*args, stages))
-    fast = np.asarray(_blocked_jit(b["tasks"], b["valid"], entry, g, num_tasks, stages))
-    # Same ranks and ties; the last bits may differ (XLA fuses the two programs differently).
-    np.testing.assert_allclose(fast, want, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(_hinted(name, g, num_tasks)(*args)), want, rtol=0,
-                               atol=1e-6)
-    if stages == 1:  # a table lookup: equal (size, rank, ties) ⇒ equal bits
-      for e in np.unique(np.asarray(entry)[b["valid"]]):
-        assert len(set(fast[b["valid"] & (np.asarray(entry) == e)].view(np.int32))) == 1
-    else:
-      ref = ref_g2rpo(b["rewards"].astype(np.float64), b["groups"], b["tasks"], b["valid"])
-      np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-6)
-
-
-def test_blocked_hints_that_do_not_hold_take_the_sorted_path():
-  rng = np.random.default_rng(5)
-  b, g = 64, 8
-  rewards = rng.integers(0, 3, b).astype(np.float32)
-  groups, tasks = np.arange(b) // g, rng.integers(0, 4, b)
-  cases = {"group across blocks": (rewards, np.roll(groups, 3), tasks),
-           "task id past num_tasks": (rewards, groups, np.where(np.arange(b) == 9, 4, tasks)),
-           "NaN reward": (np.where(np.arange(b) == 2, np.nan, rewards).astype(np.float32),
-                          groups, tasks)}
-  for what, args in cases.items():
-    assert not g2rpo_lib._blocked_layout_fits(*args, np.ones(b, bool), g, 4), what
-    np.testing.assert_allclose(np.asarray(_hinted("g2rpo", g, 4)(*args)),
-                               np.asarray(g2rpo(*args)), rtol=0, atol=1e-6, err_msg=what)
-
-
-@pytest.mark.parametrize("g", [1, 2, 5, 8, 16])
-def test_stage1_table_ids_order_the_values(g):
-  table, ids, num_values = g2rpo_lib._stage1_table(g)
-  used = [((n - 1) * g + lo) * g + m - 1 for n in range(1, g + 1) for lo in range(n)
-          for m in range(1, n - lo + 1)]
-  values, value_ids = table[used], ids[used]
-  assert set(value_ids) == set(range(num_values))
-  order = np.argsort(value_ids, kind="stable")
-  assert np.all(np.diff(values[order]) >= 0)
-  for k in range(num_values):  # one id ⇔ one value, bit for bit
-    assert len(set(values[value_ids == k].view(np.int32).tolist()) - {0, -2**31}) <= 1
-  # … and one id ⇔ one exact value: stage 2 sees exactly the mathematical ties.
-  exact = np.round([ndtri((np.arange(lo, lo + m) + 0.5) / n).mean() if n > 1 else 0.0
-                    for n in range(1, g + 1) for lo in range(n) for m in range(1, n - lo + 1)], 12)
-  _, exact_ids = np.unique(exact, return_inverse=True)
-  np.testing.assert_array_equal(exact_ids.ravel(), value_ids)
-
-
-def test_hints_without_a_fitting_shape_are_ignored():
-  rewards, groups, tasks = np.array([0.0, 1.0, 1.0]), np.array([0, 0, 1]), np.array([0, 0, 1])
-  want = np.asarray(g2rpo(rewards, groups, tasks))
-  for g in (2, 32):  # 3 rows are not blocks of 2; 32 is past the table's size limit
-    np.testing.assert_allclose(np.asarray(_hinted("g2rpo", g, 2)(rewards, groups, tasks)),
-                               want, rtol=0, atol=1e-6)

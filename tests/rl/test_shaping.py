@@ -203,7 +203,7 @@ def test_entropy_config_errors():
     shaping.EntropyShapingConfig(estimator="mc")
   with pytest.raises(ValueError, match="h_min"):
     shaping.EntropyShapingConfig(h_min=(0.1, 0.2))
-  with pytest.raises(ValueError, match="h_min/h_max"):
+  with pytest.raises(ValueError, match="h_min.spatial_grounding"):
     shaping.EntropyShapingConfig(h_min=0.7, h_max=0.6)
 
 

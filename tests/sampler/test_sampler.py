@@ -24,6 +24,10 @@ EOS, PAD = 2, 0
 LR = 6  # new tokens
 
 
+def responses_of(out):
+  return out.tokens, out.response_mask, out.response_start
+
+
 @pytest.fixture(scope="module")
 def cfg():
   return vlm_config(test_config.get_config().model)
@@ -131,13 +135,14 @@ def test_sampled_logprobs_equal_teacher_forced_log_softmax(model, sampled):
   np.testing.assert_allclose(out.entropies[m], ref.entropy(logp)[m], atol=1e-4)
   # The trainer's helper reads the same alignment, from full logits or from only the columns
   # that predict the response.
-  got_logp, got_ent = response_logprobs(full, out, SAMPLED)
+  got_logp, got_ent = response_logprobs(full, *responses_of(out), SAMPLED)
   np.testing.assert_allclose(got_logp, out.logprobs, atol=1e-4)
   np.testing.assert_allclose(got_ent, out.entropies, atol=1e-4)
   tail = FORWARD(model, out.sequence_tokens, out.sequence_positions, images[out.prompt_index],
                  out.sequence_mask, out.prefix_mask, logits_from=out.response_start - 1)
   assert tail.shape[1] == LR + 1
-  np.testing.assert_allclose(response_logprobs(tail, out, SAMPLED)[0], out.logprobs, atol=1e-4)
+  np.testing.assert_allclose(response_logprobs(tail, *responses_of(out), SAMPLED)[0], out.logprobs,
+                             atol=1e-4)
   # Rows are prompt-major and the samples of one prompt differ (per-row keys).
   np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(8), 2))
   assert all((out.tokens[2 * p] != out.tokens[2 * p + 1]).any() for p in range(8))
@@ -176,7 +181,8 @@ def test_filtered_logprobs_equal_numpy_distribution(model, state, cfg):
   assert np.isfinite(picked[m]).all()  # Only tokens inside the filters were drawn.
   np.testing.assert_allclose(out.logprobs[m], picked[m], atol=1e-4)
   np.testing.assert_allclose(out.entropies[m], ref.entropy(logp)[m], atol=1e-4)
-  np.testing.assert_allclose(response_logprobs(full, out, config)[0], out.logprobs, atol=1e-4)
+  np.testing.assert_allclose(response_logprobs(full, *responses_of(out), config)[0], out.logprobs,
+                             atol=1e-4)
 
 
 def test_top_k_one_equals_greedy(model, state, greedy):

@@ -1,14 +1,23 @@
 """The task registry: the Example contract, determinism, random access and the held-out split."""
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from openvlthinker import taxonomy
+from openvlthinker.rl import shaping
 from openvlthinker.tasks import registry
 from openvlthinker.tasks.base import Example
+
+# Task ids key checkpoints, metrics and seed streams: this order must never change.
+HISTORIC_TASK_TYPES = ("spatial_grounding", "spatial_reasoning", "general_vqa", "math_reasoning",
+                       "chart_figure_qa", "ocr")
 
 
 def test_every_task_type_is_registered_with_its_problem_types():
@@ -96,4 +105,85 @@ def test_bad_arguments_name_the_field(kwargs, field):
 def test_registering_a_name_twice_fails():
   registry.get_task("ocr")
   with pytest.raises(ValueError, match="already registered"):
-    registry.register_task("ocr", ("ocr",))(lambda rng, d, s: None)
+    registry.register_task("ocr", ("ocr",), length_thresholds=(1, 2, 3, 4))(
+        lambda rng, d, s: None)
+  with pytest.raises(ValueError, match="already registered"):  # an alias is a name too
+    registry.register_task("vqa", ("ocr",), length_thresholds=(1, 2, 3, 4),
+                           aliases=("general_vqa_science_stem",))(lambda rng, d, s: None)
+
+
+def test_registering_from_a_module_outside_task_modules_fails():
+  with pytest.raises(ValueError, match="TASK_MODULES"):
+    registry.register_task("poetry", ("open-ended",), length_thresholds=(1, 2, 3, 4))(
+        lambda rng, d, s: None)
+  assert "poetry" not in registry.TASKS
+
+
+def test_taxonomy_is_the_registry_in_task_module_order_with_every_default():
+  specs = registry.task_specs()
+  assert taxonomy.TASK_TYPES == HISTORIC_TASK_TYPES == tuple(s.name for s in specs)
+  assert tuple(s.module for s in specs) == registry.TASK_MODULES
+  assert tuple(taxonomy.LENGTH_THRESHOLDS) == tuple(taxonomy.ENTROPY_BOUNDS) == HISTORIC_TASK_TYPES
+  for spec in specs:
+    assert spec.module.rsplit(".", 1)[1] == spec.name  # one module per task type, named for it
+    l_min, l_low, l_high, l_max = spec.length_thresholds
+    assert 0 <= l_min < l_low <= l_high < l_max
+    h_min, h_max = spec.entropy_bounds
+    assert 0 <= h_min <= h_max
+  # The shaping defaults are the declared ones, row t for task id t.
+  np.testing.assert_array_equal(shaping.static_thresholds(),
+                                [s.length_thresholds for s in specs])
+  np.testing.assert_array_equal(np.stack(shaping.EntropyShapingConfig().bounds(), 1),
+                                np.float32([s.entropy_bounds for s in specs]))
+
+
+# A seventh task type, as a contributor would add it: one module, one TASK_MODULES entry. It runs
+# in a subprocess, so the registry and every table derived from it at import stay untouched here.
+_TOY_MODULE = """
+import numpy as np
+from openvlthinker.tasks import registry
+from openvlthinker.tasks.base import Example
+
+@registry.register_task("toy_count", ("numerical",), length_thresholds=(1, 2, 3, 4),
+                        entropy_bounds=(0.1, 0.3), aliases=("toy_counting",))
+def sample(rng, difficulty=0, image_size=64):
+  n = int(rng.integers(1, 100))
+  return Example(images=(np.zeros((image_size, image_size, 3), np.uint8),),
+                 question="How many?", answer=str(n), problem_type="numerical",
+                 task_type="toy_count", meta={"scene": str(n)})
+"""
+
+_TOY_RUN = """
+import json
+from openvlthinker.tasks import registry
+registry.TASK_MODULES += ("toy_task",)
+from openvlthinker import configuration, taxonomy
+from openvlthinker.rl import shaping
+c = configuration.validate(configuration.base_config())
+print(json.dumps({
+    "task_types": taxonomy.TASK_TYPES,
+    "id": taxonomy.task_id("toy_counting"),
+    "thresholds": shaping.static_thresholds().tolist(),
+    "entropy": [b.tolist() for b in shaping.EntropyShapingConfig().bounds()],
+    "config": sorted(c.rl.length.thresholds) == sorted(c.rl.entropy.h_min) == sorted(
+        c.data.mixture) == sorted(taxonomy.TASK_TYPES),
+    "uid": registry.generate("toy_count", "eval", 3).uid,
+}))
+"""
+
+
+def test_a_new_task_module_and_its_entry_reach_every_per_task_table(tmp_path):
+  (tmp_path / "toy_task.py").write_text(_TOY_MODULE)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), root]), JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", textwrap.dedent(_TOY_RUN)], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert tuple(got["task_types"]) == HISTORIC_TASK_TYPES + ("toy_count",)
+  assert got["id"] == 6
+  assert got["thresholds"][:6] == shaping.static_thresholds().tolist()
+  assert got["thresholds"][6] == [1.0, 2.0, 3.0, 4.0]
+  np.testing.assert_allclose([got["entropy"][0][6], got["entropy"][1][6]], [0.1, 0.3])
+  assert got["config"]
+  assert got["uid"] == "toy_count/eval/d0/s64/3"

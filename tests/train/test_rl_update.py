@@ -12,6 +12,8 @@ from openvlthinker.models.build import build_model, vlm_config
 from openvlthinker.rl import losses
 from openvlthinker.sampler import SamplerConfig
 from openvlthinker.train import rl
+from openvlthinker.train.batch import RolloutBatch
+from openvlthinker.train.context import make_sharder
 from openvlthinker.train.state import create_train_state
 
 G, P, LB, LR = 4, 3, 20, 9
@@ -19,8 +21,10 @@ G, P, LB, LR = 4, 3, 20, 9
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = vlm_config(test_config.get_config().model)
-  graphdef, params = nnx.split(build_model(cfg, seed=0))
+  config = test_config.get_config()
+  cfg = vlm_config(config.model)
+  sharder = make_sharder(config)  # The suite's 8 devices, as the trainer shards them.
+  graphdef, params = nnx.split(build_model(cfg, sharder, seed=0))
   rng = np.random.default_rng(0)
   t = cfg.num_image_tokens
   rows = []
@@ -46,23 +50,29 @@ def setup():
     resp_mask[i, :length] = True
   size = cfg.vision.image_size
   images = np.repeat(rng.integers(0, 256, (P, 1, size, size, 3), dtype=np.uint8), G, axis=0)
-  mb = dict(sequence_tokens=seq, sequence_positions=pos, sequence_mask=mask,
-            prefix_mask=mask & (np.arange(LB + LR) < LB), tokens=seq[:, LB:],
-            response_mask=resp_mask, images=images, task_ids=rng.integers(0, 6, b).astype(np.int32),
-            old_logprobs=np.where(resp_mask, -7.0, 0.0).astype(np.float32),
-            advantages=rng.standard_normal(b).astype(np.float32))
-  return graphdef, params, mb
+  zeros = np.zeros(b, np.float32)
+  task_ids = rng.integers(0, 6, b).astype(np.int32)
+  mb = RolloutBatch(
+      sequence_tokens=seq, sequence_positions=pos, sequence_mask=mask,
+      prefix_mask=mask & (np.arange(LB + LR) < LB), tokens=seq[:, LB:], response_mask=resp_mask,
+      old_logprobs=np.where(resp_mask, -7.0, 0.0).astype(np.float32),
+      entropies=np.zeros((b, LR), np.float32), lengths=resp_mask.sum(1).astype(np.int32),
+      images=images, task_ids=task_ids, task_keys=task_ids, reward=zeros, accuracy=zeros,
+      format=zeros, structure=zeros, length_reward=zeros,
+      advantages=rng.standard_normal(b).astype(np.float32), valid=np.ones(b, bool),
+      response_start=LB)
+  return graphdef, params, jax.tree.map(sharder.put_batch, mb), sharder
 
 
 def test_shared_prompt_forward_equals_per_row_forward(setup):
-  graphdef, params, mb = setup
+  graphdef, params, mb, _ = setup
   cfg = SamplerConfig(max_new_tokens=LR)
-  per_row = rl.policy_logprobs(params, graphdef, mb, LB, cfg, group_size=1)
-  shared = rl.policy_logprobs(params, graphdef, mb, LB, cfg, group_size=G)
+  per_row = rl.policy_logprobs(params, graphdef, mb, cfg, group_size=1)
+  shared = rl.policy_logprobs(params, graphdef, mb, cfg, group_size=G)
   for a, b in zip(per_row, shared):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0)
-  weights = np.random.default_rng(1).standard_normal(mb["tokens"].shape).astype(np.float32)
-  objective = lambda p, g: jnp.sum(rl.policy_logprobs(p, graphdef, mb, LB, cfg, g)[0] * weights)
+  weights = np.random.default_rng(1).standard_normal(mb.tokens.shape).astype(np.float32)
+  objective = lambda p, g: jnp.sum(rl.policy_logprobs(p, graphdef, mb, cfg, g)[0] * weights)
   want = jax.grad(objective)(params, 1)
   got = jax.grad(objective)(params, G)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4,
@@ -70,15 +80,15 @@ def test_shared_prompt_forward_equals_per_row_forward(setup):
 
 
 def test_micro_batches_accumulate_to_the_full_batch(setup):
-  graphdef, params, mb = setup
+  graphdef, params, mb, sharder = setup
   # Plain SGD: the parameter change is the gradient itself (Adam would rescale float noise).
   tx = optax.sgd(1.0)
   results = []
   for num_micro in (1, P):
-    update = rl.make_update(graphdef, tx, response_start=LB, sampler_config=SamplerConfig(
-        max_new_tokens=LR), loss_config=losses.PolicyLossConfig(), num_micro=num_micro,
-        entropy=None, group_size=G)
-    state = create_train_state(jax.tree.map(jnp.copy, params), tx, 0)
+    update = rl.make_update(graphdef, tx, sampler_config=SamplerConfig(max_new_tokens=LR),
+                            loss_config=losses.PolicyLossConfig(), num_micro=num_micro,
+                            entropy=None, group_size=G)
+    state, _ = create_train_state(jax.tree.map(jnp.copy, params), tx, sharder)
     state, metrics = update(state, mb)
     results.append((state, metrics))
   (s1, m1), (s3, m3) = results

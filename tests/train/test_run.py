@@ -1,7 +1,10 @@
-"""The trainer end to end through its entry point, on the test config.
+"""The trainer end to end through its entry point, on the 8 fake devices the suite uses, with the
+default mesh (fsdp over all 8) and with fsdp=4 × tensor=2.
 
-- SIGKILL mid-RL, rerun the same command: every RL step after the resume has the metrics of an
-  uninterrupted run (timings aside).
+- Interrupted as a pod would be: SIGTERM mid-SFT (saves, exits 0), rerun; SIGTERM mid-RL, rerun;
+  SIGKILL mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal an uninterrupted run's
+  (timings aside).
+- The checkpoints it wrote restore onto the mesh with the rule table's shardings.
 - A NaN injected into one optimizer step is skipped and counted; training goes on, finite.
 """
 import json
@@ -16,18 +19,24 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_KEYS = ("_s", "tokens_per_s")
+# The second also runs the decoder's layer scan (the pod layout; the test config loops).
+MESHES = {"fsdp8": (), "fsdp4_tensor2": ("--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                                         "--config.model.scan_layers=True")}
+STEPS = ("--config.sft.steps=4", "--config.rl.steps=4", "--config.eval.every=100")
 
 
 def command(workdir, *overrides):
   return [sys.executable, "-m", "openvlthinker.main", "--config=configs/test.py",
-          f"--workdir={workdir}", "--config.sft.steps=2", "--config.eval.every=100", *overrides]
+          f"--workdir={workdir}", *STEPS, *overrides]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  # One persistent compilation cache for every run here: later processes reuse the executables.
+  # XLA_FLAGS from conftest (8 devices) is inherited. One persistent compilation cache for every
+  # run here: later processes reuse the executables.
   cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+  assert "device_count=8" in os.environ["XLA_FLAGS"]
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
@@ -37,6 +46,20 @@ def run(env, workdir, *overrides, timeout=600):
                         text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
+
+
+def interrupt_when(env, workdir, overrides, checkpoint: str, sig) -> subprocess.CompletedProcess:
+  """Starts the run, sends `sig` once `workdir/checkpoint` exists, returns the finished process."""
+  proc = subprocess.Popen(command(workdir, *overrides), cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  target = os.path.join(workdir, checkpoint)
+  deadline = time.time() + 600
+  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  assert proc.poll() is None, f"the run ended before {checkpoint} appeared: {proc.stderr.read()}"
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=600)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
 
 
 def records(workdir, stage):
@@ -49,28 +72,91 @@ def deterministic(record):
   return {k: v for k, v in record.items() if not k.endswith(TIMING_KEYS)}
 
 
+def steps_of(workdir, stage):
+  path = os.path.join(workdir, stage, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
 @pytest.mark.slow
-def test_sigkill_mid_rl_then_rerun_matches_uninterrupted(tmp_path, env):
-  steps = "--config.rl.steps=4"
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
+  overrides = MESHES[mesh]
   straight = str(tmp_path / "straight")
-  run(env, straight, steps)
-  killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(command(killed, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  target = os.path.join(killed, "rl", "checkpoints", "2")
-  deadline = time.time() + 600
-  while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert len(records(killed, "rl")) < 4
-  run(env, killed, steps)
-  want, got = records(straight, "rl"), records(killed, "rl")
-  assert [r["step"] for r in got] == [1, 2, 3, 4]
-  for a, b in zip(want, got):
-    assert deterministic(a) == deterministic(b), a["step"]
-  assert deterministic(records(straight, "eval")[-1]) == deterministic(records(killed, "eval")[-1])
+  run(env, straight, *overrides)
+  cut = str(tmp_path / "cut")
+
+  term = interrupt_when(env, cut, overrides, "sft/checkpoints/1", signal.SIGTERM)
+  assert term.returncode == 0 and "SIGTERM: saved the sft checkpoint" in term.stderr, term.stderr
+  assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
+  term = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGTERM)
+  assert term.returncode == 0 and "SIGTERM: saved the rl checkpoint" in term.stderr, term.stderr
+  assert max(steps_of(cut, "rl")) < 4
+  kill = interrupt_when(env, cut, overrides, "rl/checkpoints/3", signal.SIGKILL)
+  assert kill.returncode == -signal.SIGKILL
+  assert len(records(cut, "rl")) < 4
+  run(env, cut, *overrides)
+
+  for stage, n in (("sft", 4), ("rl", 4), ("eval", 2)):
+    want, got = records(straight, stage), records(cut, stage)
+    assert len(got) == n and [r["step"] for r in got] == [r["step"] for r in want], stage
+    for a, b in zip(want, got):
+      assert deterministic(a) == deterministic(b), (stage, a["step"])
+  with open(os.path.join(cut, "eval_table.md")) as f, \
+       open(os.path.join(straight, "eval_table.md")) as g:
+    assert f.read() == g.read()
+  check_checkpoint_shardings(cut, overrides)
+
+
+def check_checkpoint_shardings(workdir, overrides):
+  """Restores the run's newest SFT and RL checkpoints in this process (8 devices) with the run's
+  mesh, and checks every leaf against the rule table."""
+  from configs import test as test_config
+  from openvlthinker.train import loop
+  from openvlthinker.train.context import build_context
+  from openvlthinker.train.rl_stage import RLStage
+  from openvlthinker.train.sft import sft_optimizer
+  from openvlthinker.train.state import create_train_state
+
+  config = test_config.get_config()
+  for o in overrides:
+    *path, name = o.removeprefix("--config.").split("=")[0].split(".")
+    section = config
+    for part in path:
+      section = section[part]
+    value = o.split("=")[1]
+    section[name] = value == "True" if isinstance(section[name], bool) else int(value)
+  ctx = build_context(config, workdir)
+  assert ctx.sharder.mesh.devices.size == 8
+  stage = RLStage(ctx, metrics_writer=None)
+  for name, tx, extra in (("sft", sft_optimizer(config.sft), None),
+                          ("rl", stage.tx, stage.reward.init_stats())):
+    template, _ = create_train_state(ctx.initial_params, tx, ctx.sharder, extra=extra)
+    step, state, _ = loop.StageCheckpoints(workdir, name, 2).restore(template)
+    assert step == 4 and int(state.step) == 4 * (1 if name == "sft" else 2)
+    assert_rule_table_shardings(state, ctx.sharder)
+
+
+def assert_rule_table_shardings(state, sharder):
+  """Every parameter by its logical axes, every AdamW moment like its parameter, scalars
+  replicated: all on the 8 devices of the mesh, none on device 0 alone."""
+  import jax
+  from openvlthinker import sharding
+
+  want_params = sharding.state_shardings(state.params, sharder)
+  params = jax.tree.leaves(state.params)
+  for leaf, want in zip(params, jax.tree.leaves(want_params)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.sharding, want)
+  assert any(not s.is_fully_replicated for s in (p.sharding for p in params))
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert len(moments) == 2 * len(params)  # mu and nu
+  shapes = {}
+  for leaf, want in zip(params, jax.tree.leaves(want_params)):
+    shapes.setdefault(leaf.shape, []).append(want)
+  for m in moments:
+    assert any(m.sharding.is_equivalent_to(w, m.ndim) for w in shapes[m.shape]), m.sharding
+  for leaf in jax.tree.leaves(state):
+    assert len(leaf.sharding.device_set) == 8, leaf.sharding
+  assert state.step.sharding.is_fully_replicated
 
 
 @pytest.mark.slow
@@ -78,9 +164,9 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, env):
   workdir = str(tmp_path / "nan")
   # Optimizer step 1 is the second minibatch update of RL step 1 (2 updates per rollout).
   # Shaping on, so the length reward and the entropy term run end to end too.
-  run(env, workdir, "--config.rl.steps=2", "--config.debug.nan_loss_at_rl_step=1",
-      "--config.rl.length.enabled=True", "--config.rl.entropy.enabled=True",
-      "--config.rl.entropy.estimator=sampled_token")
+  run(env, workdir, *MESHES["fsdp4_tensor2"], "--config.sft.steps=2", "--config.rl.steps=2",
+      "--config.debug.nan_loss_at_rl_step=1", "--config.rl.length.enabled=True",
+      "--config.rl.entropy.enabled=True", "--config.rl.entropy.estimator=sampled_token")
   rl = records(workdir, "rl")
   assert all("entropy_loss" in r and any(k.startswith("length_reward/") for k in r) for r in rl)
   assert rl[0]["skipped_step"] == 1.0 and rl[1]["skipped_step"] == 0.0

@@ -1,8 +1,7 @@
-"""Per-task evaluation on the fixed held-out split with greedy decoding.
+"""Greedy per-task evaluation of a policy on a source of problems (`eval.sources`).
 
-The held-out examples are the first `num_per_task` records of each task's `eval` split (disjoint
-from training by construction), so every evaluation of every run sees the same problems. Reports per
-task: accuracy, overall reward, format rate, mean response length, unparsable rate.
+Reports per task: accuracy, overall reward (without the length term), format rate, mean response
+length, unparsable rate. The problems are featurised and batched once; each call decodes them all.
 """
 from __future__ import annotations
 
@@ -12,9 +11,10 @@ import numpy as np
 
 from openvlthinker import taxonomy
 from openvlthinker.data import pipeline
-from openvlthinker.data.sources import SuiteTaskSource
+from openvlthinker.eval.sources import suite_heldout
+from openvlthinker.rl import scoring
 from openvlthinker.sampler import Sampler, SamplerConfig
-from openvlthinker.train import scoring
+from openvlthinker.tasks.base import Example
 
 METRICS = ("accuracy", "overall", "format", "length", "unparsable")
 
@@ -22,15 +22,10 @@ METRICS = ("accuracy", "overall", "format", "length", "unparsable")
 class Evaluator:
   """Greedy decoding over a fixed held-out set; `__call__(params) -> {metric: float[num_tasks]}`."""
 
-  def __init__(self, graphdef, data_config: pipeline.DataConfig, tokenizer, *, num_per_task: int,
-               batch_size: int, max_new_tokens: int, sharder, tasks: Sequence[str] | None = None):
-    tasks = tuple(tasks or taxonomy.TASK_TYPES)
+  def __init__(self, graphdef, source: Sequence[Example], data_config: pipeline.DataConfig,
+               tokenizer, *, batch_size: int, max_new_tokens: int, sharder):
     featurize = pipeline.RlFeatures(data_config, tokenizer)
-    items = []
-    for task in tasks:
-      source = SuiteTaskSource(task, "eval", (data_config.difficulty or {}).get(task, 0),
-                               data_config.image_size)
-      items.extend(featurize(source[i]) for i in range(num_per_task))
+    items = [featurize(example) for example in source]
     if any(isinstance(it, pipeline.Dropped) for it in items):
       dropped = [it.uid for it in items if isinstance(it, pipeline.Dropped)]
       raise ValueError(f"eval: held-out examples {dropped[:3]} do not fit data.prompt_buckets="
@@ -58,6 +53,16 @@ class Evaluator:
     task_ids = np.concatenate(task_ids)
     values = {k: np.concatenate(v).astype(np.float64) for k, v in parts.items()}
     return scoring.per_task_means(values, task_ids, taxonomy.NUM_TASKS)
+
+
+def build_evaluator(ctx) -> Evaluator:
+  """The run's evaluator (`config.eval`) on the suite's held-out split, from a train Context."""
+  c = ctx.config
+  data_config = ctx.data_config(c.eval.batch_size, "eval")
+  source = suite_heldout(c.eval.num_per_task, data_config.image_size, data_config.difficulty)
+  return Evaluator(ctx.graphdef, source, data_config, ctx.tokenizer,
+                   batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
+                   sharder=ctx.sharder)
 
 
 def format_table(results: dict[str, dict[str, np.ndarray]], metric: str = "overall") -> str:

@@ -1,0 +1,70 @@
+"""What an RL step and an evaluation log: flat {name: float} dicts, per task as `name/<task>`.
+
+The reward figures are the training reward (`train.reward`) over every sampled response, filtered
+or not, so what is logged is what is trained; entropy and advantage figures are over the rows that
+train (valid rows).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from openvlthinker import taxonomy
+from openvlthinker.rl.scoring import per_task_means
+from openvlthinker.train.batch import RolloutBatch
+
+T = taxonomy.TASK_TYPES
+EVAL_KEYS = ("accuracy", "overall", "format", "length", "unparsable")
+
+
+def per_task(prefix: str, values: np.ndarray) -> dict[str, float]:
+  """float[T] → {prefix/task: value} for the tasks present (finite values)."""
+  return {f"{prefix}/{task}": float(v) for task, v in zip(T, values) if np.isfinite(v)}
+
+
+def eval_metrics(results: dict[str, np.ndarray]) -> dict[str, float]:
+  out = {}
+  for key in EVAL_KEYS:
+    out.update(per_task(key, results[key]))
+    out[f"{key}/mean"] = float(np.nanmean(results[key]))
+  return out
+
+
+def reduce_updates(updates: Sequence[dict[str, np.ndarray]], batch: RolloutBatch
+                   ) -> dict[str, float]:
+  """The metrics of the step's minibatch updates → one value each (skips summed, the rest
+  averaged; per-task advantage statistics keyed by task id, NaN for tasks with no valid row)."""
+  out = {}
+  present = np.bincount(batch.task_ids[batch.valid], minlength=len(T)) > 0
+  for key in updates[0]:
+    values = np.stack([np.asarray(m[key]) for m in updates])
+    if key == "skipped_step":
+      out[key] = float(values.sum())
+    elif key in ("task_adv_mean", "task_adv_std"):
+      out.update(per_task(key.replace("task_", ""), np.where(present, values.mean(0), np.nan)))
+    else:
+      out[key] = float(values.mean())
+  return out
+
+
+def rollout_metrics(batch: RolloutBatch, sampled: dict[str, np.ndarray],
+                    length_shaping: bool) -> dict[str, float]:
+  """Reward parts over every sampled response; entropy, lengths and the length term per task."""
+  out = {}
+  means = per_task_means(sampled, sampled["task_ids"], len(T))
+  for key, name in (("reward", "reward"), ("accuracy", "reward_accuracy"),
+                    ("format", "reward_format")):
+    out.update(per_task(name, means[key]))
+    out[f"{name}/mean"] = float(np.mean(sampled[key]))
+  out["unparsable_frac"] = float(np.mean(sampled["unparsable"]))
+  if length_shaping:
+    out.update(per_task("length_reward", per_task_means(
+        {"r": batch.length_reward}, batch.task_ids, len(T), batch.valid)["r"]))
+  token_entropy = ((batch.entropies * batch.response_mask).sum(1)
+                   / np.maximum(batch.lengths, 1))
+  out.update(per_task("entropy", per_task_means(
+      {"h": token_entropy}, batch.task_ids, len(T), batch.valid)["h"]))
+  out.update(per_task("length", per_task_means(
+      {"l": batch.lengths.astype(np.float64)}, batch.task_ids, len(T))["l"]))
+  return out
