@@ -12,6 +12,7 @@ only what spans sections (batch arithmetic, the mesh).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import ml_collections
@@ -44,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       name="vlm",                # the model family (models.registry)
+      init="",                   # '' = random; or a stage's checkpoints dir of a run of this
+                                 # trainer (WORKDIR/sft/checkpoints): its newest parameters
       vocab_size=1024, width=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
       mlp_dim=1024, rope_theta=10_000.0, tie_embeddings=True, dtype="float32",
       param_dtype="float32", remat=False, scan_layers=True, image_token_id=3, merge_patches=True,
@@ -185,6 +188,8 @@ def _mesh(c):
 def _model(c):
   from openvlthinker.models import registry  # pylint: disable=g-import-not-at-top
   _choice(c, "model.name", registry.families())
+  _check(not c.model.init or os.path.isdir(c.model.init), "model.init",
+         "'' (random weights) or an existing checkpoints directory", c.model.init)
   if c.model.name == "vlm":
     _built("model", lambda: build_model_config(c))
 

@@ -87,19 +87,13 @@ CACHE_KV_AXES = (LAYERS, "cache_batch", "act_kv_heads", None, None)
 CACHE_VALID_AXES = ("cache_batch", None)
 
 
-def _map_kv(cache: KVCache, fn) -> KVCache:
-  """`fn(array, axis)` on the keys and values of every layer; `axis(i)` is the index of axis i of
-  one layer's [B, K, ., .] array in the stored array (stacked: one more, in front)."""
-  def one(x):
-    if isinstance(x, tuple):
-      return tuple(fn(a, lambda i: i) for a in x)
-    return fn(x, lambda i: i + 1)
-  return cache.replace(k=one(cache.k), v=one(cache.v))
-
-
 def _constrain_cache(cache: KVCache, sharder: Sharder) -> KVCache:
-  cache = _map_kv(cache, lambda x, axis: sharder.constrain(x, CACHE_KV_AXES[1 - axis(0):]))
-  return cache.replace(valid=sharder.constrain(cache.valid, CACHE_VALID_AXES))
+  def kv(x):  # stacked [NL, B, K, ., .], or a tuple of per-layer [B, K, ., .]
+    if isinstance(x, tuple):
+      return tuple(sharder.constrain(a, CACHE_KV_AXES[1:]) for a in x)
+    return sharder.constrain(x, CACHE_KV_AXES)
+  return cache.replace(k=kv(cache.k), v=kv(cache.v),
+                       valid=sharder.constrain(cache.valid, CACHE_VALID_AXES))
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
@@ -127,18 +121,11 @@ def grow_cache(cache: KVCache, max_length: int, sharder: Sharder = Sharder()) ->
   if extra < 0:
     raise ValueError(f"grow_cache: max_length {max_length} < the cache's {cache.max_length}")
   pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
-  # The slot axis: 2 of a layer's keys [B, K, H, S]... after the head axes; found per array.
+  # Slots are the last axis of keys ([.., K, H, S]) and the one before last of values.
   cache = cache.replace(
       k=jax.tree.map(lambda x: pad(x, x.ndim - 1), cache.k),
       v=jax.tree.map(lambda x: pad(x, x.ndim - 2), cache.v), valid=pad(cache.valid, 1))
   return _constrain_cache(cache, sharder)
-
-
-def repeat_cache(cache: KVCache, g: int, sharder: Sharder = Sharder()) -> KVCache:
-  """`cache` of B rows → B·g rows, row b repeated to rows b·g … b·g + g - 1 (a prompt's cache for
-  its g samples; a prefix, if any, still serves the same rows and stays shared)."""
-  cache = _map_kv(cache, lambda x, axis: jnp.repeat(x, g, axis=axis(0)))
-  return _constrain_cache(cache.replace(valid=jnp.repeat(cache.valid, g, axis=0)), sharder)
 
 
 def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None,

@@ -36,9 +36,6 @@ class VisionLanguageModel(Protocol):
   def grow_cache(self, cache: Cache, max_length: int) -> Cache:
     """`cache` with empty slots appended up to `max_length`."""
 
-  def repeat_cache(self, cache: Cache, g: int) -> Cache:
-    """Each of the cache's rows repeated g times (a prompt's cache for its g responses)."""
-
   def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[Positions, jax.Array]:
     """Positions of right-aligned prompts (tokens int32[P, Lb], mask bool[P, Lb]; masked slots in
     front) and int32[P], the position of each prompt's first response token."""

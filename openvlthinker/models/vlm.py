@@ -111,7 +111,7 @@ class VLM(nnx.Module):
     image+prompt prefix for full prefix attention. Returns float32 logits [B, L - logits_from, V]
     (static `logits_from`: columns before it get no logits, e.g. a prompt when only the response is
     scored) and the cache (None when none was given). rope: optional precomputed
-    `self.decoder.rope_tables(positions)`.
+    `decode_rope(...)` of a one-column decode call.
     """
     if input_mask is None:
       input_mask = jnp.ones(tokens.shape, bool)
@@ -128,9 +128,6 @@ class VLM(nnx.Module):
 
   def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
     return decoder_lib.grow_cache(cache, max_length, self.sharder)
-
-  def repeat_cache(self, cache: KVCache, g: int) -> KVCache:
-    return decoder_lib.repeat_cache(cache, g, self.sharder)
 
   def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """0, 1, … over each row's real tokens (0 on the padding in front); next = prompt length."""

@@ -23,7 +23,7 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Saves and restores (state pytree, meta dict) pairs under `directory/<step>`."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3):
+  def __init__(self, directory: str, max_to_keep: int | None = 3):
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -66,6 +66,15 @@ class Checkpointer:
       return step, state, meta
     raise CheckpointError(f"no readable checkpoint in {self.directory}; tried "
                           + "; ".join(errors))
+
+  def restore_subtree(self, step: int, abstract: dict[str, Any]) -> dict[str, Any]:
+    """The entries of step `step` named in `abstract` (a flat dict), on its shardings; the rest
+    of the checkpoint is not read."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return dict(out["state"])
 
   def close(self):
     self._manager.close()

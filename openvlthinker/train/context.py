@@ -13,6 +13,7 @@ from openvlthinker import sharding, taxonomy
 from openvlthinker.data import pipeline
 from openvlthinker.data.tokenizer import load_tokenizer
 from openvlthinker.models import registry
+from openvlthinker.train import loop
 from openvlthinker.models.protocol import VisionLanguageModel
 
 
@@ -62,6 +63,9 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     raise ValueError(f"model.image_token_id: expected the tokenizer's <image> id "
                      f"{tokenizer.image_id}, got {info.image_token_id}")
   graphdef, params = nnx.split(model)
+  if config.model.init:  # The newest parameters of another run's stage, on this run's mesh.
+    step, params = loop.StageCheckpoints.at(config.model.init).restore_params(params)
+    print(f"model.init: parameters of step {step} from {config.model.init}", flush=True)
   return Context(config=config, workdir=workdir, sharder=sharder, model=model, model_info=info,
                  graphdef=graphdef, initial_params=params, tokenizer=tokenizer)
 

@@ -12,9 +12,10 @@ import signal
 import sys
 from typing import Any, Callable, Iterable
 
+import flax
 import jax
 
-from openvlthinker.train.checkpoint import Checkpointer
+from openvlthinker.train.checkpoint import CheckpointError, Checkpointer
 
 
 def flatten_state(tree: Any) -> dict[str, Any]:
@@ -39,12 +40,26 @@ def unflatten_state(template: Any, flat: dict[str, Any]) -> Any:
   return jax.tree.unflatten(jax.tree.structure(template), [flat[n] for n in names])
 
 
+@flax.struct.dataclass
+class _ParamsOnly:
+  """A TrainState's `params` alone: its leaves get the checkpoint names a TrainState's do."""
+  params: Any
+
+
 class StageCheckpoints:
   """Checkpoints of one stage (`workdir/<stage>/checkpoints`)."""
 
-  def __init__(self, workdir: str, stage: str, keep: int):
+  def __init__(self, workdir: str, stage: str, keep: int | None, directory: str | None = None):
     self.stage = stage
-    self.checkpointer = Checkpointer(os.path.join(workdir, stage, "checkpoints"), keep)
+    self.checkpointer = Checkpointer(directory or os.path.join(workdir, stage, "checkpoints"),
+                                     keep)
+
+  @classmethod
+  def at(cls, directory: str) -> StageCheckpoints:
+    """The checkpoints in `directory` (another run's `WORKDIR/<stage>/checkpoints`), to read;
+    nothing is deleted (no keep limit)."""
+    stage = os.path.basename(os.path.dirname(os.path.abspath(directory)))
+    return cls("", stage, keep=None, directory=directory)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     self.checkpointer.save(step, flatten_state(state), {**meta, "stage": self.stage})
@@ -56,6 +71,15 @@ class StageCheckpoints:
       return None
     step, flat, meta = found
     return step, unflatten_state(template, flat), meta
+
+  def restore_params(self, params: Any) -> tuple[int, Any]:
+    """(step, parameters) of the newest checkpoint, onto the shardings of `params`."""
+    steps = self.checkpointer.steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.checkpointer.directory}")
+    names = flatten_state(_ParamsOnly(params))
+    flat = self.checkpointer.restore_subtree(steps[-1], names)
+    return steps[-1], unflatten_state(_ParamsOnly(params), flat).params
 
   def latest_step(self) -> int | None:
     steps = self.checkpointer.steps()

@@ -25,8 +25,8 @@ def policy_logprobs(params, graphdef: nnx.GraphDef, mb: RolloutBatch, sampler_co
   """Teacher-forced log-probs and exact entropies float32[b, Lr] of the sampled responses.
 
   With group_size G > 1 the rows come in groups of G responses to one prompt (prompt-major), and
-  each prompt is run once: its KV cache, computed with gradient, is repeated to its G responses,
-  which are then run over it. The result, and its gradient, equal the per-row forward over
+  each prompt is run once: its KV cache, computed with gradient, is the shared prefix of its G
+  responses, which are then run over it. The result, and its gradient, equal the per-row forward over
   prompt + response, at about (Lb/G + Lr)/(Lb + Lr) of its cost.
   """
   model = nnx.merge(graphdef, params)
@@ -41,14 +41,16 @@ def policy_logprobs(params, graphdef: nnx.GraphDef, mb: RolloutBatch, sampler_co
   g = group_size
   prompt = lambda x: jax.tree.map(lambda a: a[::g, :lb], x)
   response = lambda x: jax.tree.map(lambda a: a[:, lb:], x)
-  lr = mb.tokens.shape[1]
-  cache = model.init_cache(mb.tokens.shape[0] // g, lb + lr)
-  prompt_logits, cache = model(prompt(mb.sequence_tokens), prompt(mb.sequence_positions),
-                               None if mb.images is None else mb.images[::g], cache,
-                               input_mask=prompt(mb.sequence_mask),
-                               prefix_mask=prompt(mb.prefix_mask), logits_from=lb - 1)
+  b, lr = mb.tokens.shape
+  prompt_logits, prompt_cache = model(
+      prompt(mb.sequence_tokens), prompt(mb.sequence_positions),
+      None if mb.images is None else mb.images[::g], model.init_cache(b // g, lb),
+      input_mask=prompt(mb.sequence_mask), prefix_mask=prompt(mb.prefix_mask), logits_from=lb - 1)
+  # The prompt's cache (with gradient) is the shared prefix of its G responses' cache, as in the
+  # sampler: stored once per prompt, read once per prompt per layer.
   response_logits, _ = model(response(mb.sequence_tokens), response(mb.sequence_positions), None,
-                             model.repeat_cache(cache, g), input_mask=response(mb.sequence_mask))
+                             model.init_cache(b, lr, prefix=prompt_cache),
+                             input_mask=response(mb.sequence_mask))
   # Columns lb - 1 … lb + Lr - 1 of the sequence: the prompt's last column predicts token 0.
   return logprobs(jnp.concatenate([jnp.repeat(prompt_logits, g, axis=0), response_logits], axis=1))
 

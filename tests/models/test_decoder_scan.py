@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import hlo_checks
+
 from openvlthinker.models import decoder as dec
 from openvlthinker.sharding import Sharder, make_mesh, state_shardings
 
@@ -197,22 +199,9 @@ def test_prefix_cache_equals_reference(model):
   close(jnp.concatenate(outs, 1), want[:, 5:], mask[:, 5:])
 
 
-def test_repeated_prompt_cache_equals_reference(model):
-  """`repeat_cache` gives each response its prompt's cache: row b's to rows 3b … 3b + 2."""
-  (p_tok, p_pos, p_mask), (resp, r_pos), (tokens, positions, mask) = prompts_and_responses(3)
-  _, cache = forward(model, p_tok, p_pos, p_mask, p_mask, dec.init_cache(CFG, 2, 10))
-  repeated = dec.repeat_cache(cache, 3)
-  assert repeated.k.shape == (CFG.num_layers, 6, CFG.num_kv_heads, CFG.head_dim, 10)
-  want, _, _ = reference(model, model.embed(tokens), positions,
-                         visibility(mask, mask & (np.arange(10) < 5), True))
-  logits, _ = forward_causal(model, resp, r_pos, np.ones(resp.shape, bool), repeated)
-  close(logits, want[:, 5:], mask[:, 5:])
-
-
 def test_remat_gives_the_same_logits_and_gradients(model):
-  """Without a cache, and through a prompt cache (train/rl.py's shared-prompt forward) repeated to
-  its responses or serving them as a prefix: the gradient flows through the cache. All three
-  forwards agree too."""
+  """Without a cache, and through a prompt cache serving its responses as a prefix (train/rl.py's
+  shared-prompt forward): the gradient flows through the cache. Both forwards agree too."""
   graphdef, params = nnx.split(model, nnx.Param)
   remat_graphdef, _ = nnx.split(dec.Decoder(dataclasses.replace(CFG, remat=True),
                                             rngs=nnx.Rngs(0)), nnx.Param)
@@ -225,10 +214,6 @@ def test_remat_gives_the_same_logits_and_gradients(model):
     if shared == "none":
       logits, _ = m(m.embed(tokens), positions, mask)
       logits = logits[:, 5:]
-    elif shared == "repeat":
-      _, cache = m(m.embed(p_tok), p_pos, p_mask, cache=dec.init_cache(CFG, 2, 5))
-      cache = dec.grow_cache(dec.repeat_cache(cache, 3), 10)
-      logits, _ = m(m.embed(resp), r_pos, ones, cache=cache)
     else:
       _, cache = m(m.embed(p_tok), p_pos, p_mask, cache=dec.init_cache(CFG, 2, 5))
       logits, _ = m(m.embed(resp), r_pos, ones, cache=dec.init_cache(CFG, 6, 5, prefix=cache))
@@ -238,7 +223,7 @@ def test_remat_gives_the_same_logits_and_gradients(model):
   base_g, base = grad(params, graphdef, "none")
   # Gradients reach ~10², so paths that sum in another order agree to float32 rounding of that.
   path_atol = 1e-6 * max(np.abs(g).max() for g in jax.tree.leaves(base_g))
-  for shared in ("none", "repeat", "prefix"):
+  for shared in ("none", "prefix"):
     want_g, want = grad(params, graphdef, shared)
     got_g, got = grad(params, remat_graphdef, shared)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
@@ -285,16 +270,6 @@ def test_hlo_does_not_grow_with_depth():
   assert abs(eight - two) < 0.01 * two, (two, eight)
 
 
-def _instructions(hlo: str, computation: str):
-  """(name, shape, opcode, text) of each instruction of one computation of an HLO module."""
-  start = re.search(rf"^%{re.escape(computation)} \(", hlo, re.M).start()
-  body = hlo[start:hlo.index("\n}\n", start)].split("\n")[1:]
-  for line in body:
-    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])\S* ([\w-]+)\(", line)
-    if m:
-      yield m.group(1), m.group(2), m.group(3), line
-
-
 def test_decode_loop_writes_the_stacked_cache_in_place(model):
   """In a compiled decode loop (behind a prefix), the stacked cache is only passed along, read,
   or written in place by one dynamic-update-slice per step for k and v each: no copy of it."""
@@ -319,18 +294,7 @@ def test_decode_loop_writes_the_stacked_cache_in_place(model):
   loops = [l for l in hlo.split("\n") if re.search(r"\) while\(", l)
            and all(x in l.split(" while(")[0] for x in stacked)]
   assert len(loops) == 2  # The decode loop and the layer scan inside it.
-  updates = 0
-  for loop in loops:
-    body = re.search(r"body=%([\w.\-]+)", loop).group(1)
-    for name, shape, opcode, line in _instructions(hlo, body):
-      if shape not in stacked:
-        continue
-      assert opcode in ("get-tuple-element", "fusion", "dynamic-update-slice", "bitcast"), line
-      if opcode == "fusion":
-        fused = re.search(r"calls=%([\w.\-]+)", line).group(1)
-        root = [op for _, _, op, text in _instructions(hlo, fused) if "ROOT" in text]
-        assert root == ["dynamic-update-slice"], line
-      updates += opcode in ("fusion", "dynamic-update-slice")
+  updates = sum(hlo_checks.in_place_writes(hlo, loop, stacked) for loop in loops)
   assert updates == 2
 
 

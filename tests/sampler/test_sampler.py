@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
+import hlo_checks
 import numpy_sampling as ref
 from configs import test as test_config
 from openvlthinker.models.build import build_model, vlm_config
@@ -351,16 +352,6 @@ def test_bad_input_names_the_field(model, state, cfg, change, message):
     sampler(state, *change(tokens, mask, images), jax.random.key(0))
 
 
-def _instructions(hlo: str, computation: str):
-  """(name, shape, opcode, text) of each instruction of one computation of an HLO module."""
-  start = re.search(rf"^%{re.escape(computation)} \(", hlo, re.M).start()
-  body = hlo[start:hlo.index("\n}\n", start)].split("\n")[1:]
-  for line in body:
-    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])\S* ([\w-]+)\(", line)
-    if m:
-      yield m.group(1), m.group(2), m.group(3), line
-
-
 def test_decode_loop_updates_the_cache_in_place(model, state, cfg):
   """In the compiled while loop, every cache-shaped value is the loop's own buffer or an in-place
   dynamic-update-slice of it: no copy of the cache per step."""
@@ -374,17 +365,7 @@ def test_decode_loop_updates_the_cache_in_place(model, state, cfg):
   loops = [l for l in hlo.split("\n") if re.search(r"\) while\(", l)
            and all(shape in l.split(" while(")[0] for shape in cache_shapes)]
   assert len(loops) == 1
-  body = re.search(r"body=%([\w.\-]+)", loops[0]).group(1)
-  updates = 0
-  for name, shape, opcode, line in _instructions(hlo, body):
-    if shape not in cache_shapes:
-      continue
-    assert opcode in ("get-tuple-element", "fusion", "dynamic-update-slice", "bitcast"), line
-    if opcode == "fusion":
-      fused = re.search(r"calls=%([\w.\-]+)", line).group(1)
-      root = [op for _, _, op, text in _instructions(hlo, fused) if "ROOT" in text]
-      assert root == ["dynamic-update-slice"], line
-    updates += opcode in ("fusion", "dynamic-update-slice")
+  updates = hlo_checks.in_place_writes(hlo, loops[0], cache_shapes)
   assert updates == 2 * t.num_layers  # k and v of every layer, each written once per step.
 
 

@@ -1,10 +1,11 @@
 """The trainer end to end through its entry point, on the 8 fake devices the suite uses, with the
 default mesh (fsdp over all 8) and with fsdp=4 × tensor=2.
 
-- Interrupted as a pod would be: SIGTERM mid-SFT (saves, exits 0), rerun; SIGTERM mid-RL, rerun;
-  SIGKILL mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal an uninterrupted run's
-  (timings aside).
-- The checkpoints it wrote restore onto the mesh with the rule table's shardings.
+- Interrupted as a pod would be: SIGTERM mid-SFT (saves, exits 0), rerun; SIGKILL mid-SFT, rerun;
+  SIGTERM mid-RL, rerun; SIGKILL mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal
+  an uninterrupted run's (timings aside).
+- The checkpoints it wrote restore onto the mesh with the rule table's shardings, and a new run
+  started from its SFT checkpoint (`model.init`) evaluates those weights as the run did.
 - A NaN injected into one optimizer step is skipped and counted; training goes on, finite.
 """
 import json
@@ -88,6 +89,8 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
   term = interrupt_when(env, cut, overrides, "sft/checkpoints/1", signal.SIGTERM)
   assert term.returncode == 0 and "SIGTERM: saved the sft checkpoint" in term.stderr, term.stderr
   assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
+  kill = interrupt_when(env, cut, overrides, "sft/checkpoints/3", signal.SIGKILL)
+  assert kill.returncode == -signal.SIGKILL and not steps_of(cut, "rl")
   term = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGTERM)
   assert term.returncode == 0 and "SIGTERM: saved the rl checkpoint" in term.stderr, term.stderr
   assert max(steps_of(cut, "rl")) < 4
@@ -105,6 +108,12 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
        open(os.path.join(straight, "eval_table.md")) as g:
     assert f.read() == g.read()
   check_checkpoint_shardings(cut, overrides)
+
+  # Another run starting from this one's SFT weights (`model.init`) evaluates them as they are.
+  init = str(tmp_path / "init")
+  run(env, init, *overrides, "--mode=rl", "--config.rl.steps=1",
+      f"--config.model.init={os.path.join(cut, 'sft', 'checkpoints')}")
+  assert deterministic(records(init, "eval")[0]) == deterministic(records(straight, "eval")[0])
 
 
 def check_checkpoint_shardings(workdir, overrides):
