@@ -114,13 +114,9 @@ def build_loss(c) -> losses.PolicyLossConfig:
   return losses.PolicyLossConfig(**c.rl.loss, fixed_length=c.rl.sampler.max_new_tokens)
 
 
-def build_sampler(c, *, stop_tokens=(2,), pad_id: int = 0, greedy: bool = False,
-                  max_new_tokens: int | None = None):
+def build_sampler(c, *, stop_tokens=(2,), pad_id: int = 0):
   from openvlthinker.sampler import SamplerConfig  # pylint: disable=g-import-not-at-top
-  fields = dict(c.rl.sampler)
-  if max_new_tokens is not None:
-    fields["max_new_tokens"] = max_new_tokens
-  return SamplerConfig(**fields, stop_tokens=tuple(stop_tokens), pad_id=pad_id, greedy=greedy,
+  return SamplerConfig(**c.rl.sampler, stop_tokens=tuple(stop_tokens), pad_id=pad_id,
                        prompt_buckets=tuple(c.data.prompt_buckets))
 
 
@@ -128,11 +124,6 @@ def build_entropy(c) -> shaping.EntropyShapingConfig:
   e = c.rl.entropy
   return shaping.EntropyShapingConfig(**{k: v for k, v in e.items() if k not in ("h_min", "h_max")},
                                       h_min=dict(e.h_min), h_max=dict(e.h_max))
-
-
-def build_model_config(c):
-  from openvlthinker.models.build import vlm_config  # pylint: disable=g-import-not-at-top
-  return vlm_config(c.model)
 
 
 # ------------------------------------------------------------------------------- validation
@@ -191,7 +182,8 @@ def _model(c):
   _check(not c.model.init or os.path.isdir(c.model.init), "model.init",
          "'' (random weights) or an existing checkpoints directory", c.model.init)
   if c.model.name == "vlm":
-    _built("model", lambda: build_model_config(c))
+    from openvlthinker.models.build import vlm_config  # pylint: disable=g-import-not-at-top
+    _built("model", lambda: vlm_config(c.model))
 
 
 @check
@@ -241,10 +233,8 @@ def _rl(c):
   _built("rl.sampler", lambda: build_sampler(c))
   _built("rl.loss", lambda: build_loss(c))
   _built("rl.entropy", lambda: build_entropy(c))
-  _built("rl.length", lambda: shaping.static_thresholds(
-      {t: tuple(v) for t, v in c.rl.length.thresholds.items()}))
-  _built("rl.length", lambda: shaping.AdaptiveLengthConfig(
-      max_length=r.sampler.max_new_tokens, decay=r.length.decay, min_count=r.length.min_count))
+  from openvlthinker.train.reward import LengthShaping  # pylint: disable=g-import-not-at-top
+  _built("rl.length", lambda: LengthShaping.from_config(r.length, r.sampler.max_new_tokens))
   _check(0.0 <= r.filter.low < r.filter.high <= 1.0, "rl.filter.low",
          f"0 <= low < rl.filter.high={r.filter.high}", r.filter.low)
   _positive(c, "rl.filter.max_tries")
