@@ -84,10 +84,10 @@ def measure(layers: int, remat: bool, scan: bool) -> dict:
   rng = np.random.default_rng(0)
   sampler_config = SamplerConfig(max_new_tokens=LR, prompt_buckets=(LB,))
   tx = optax.adamw(1e-4)
-  update = rl.make_update(graphdef, tx, sampler_config=sampler_config,
+  state, shardings = state_lib.create_train_state(params, tx, one_device)
+  update = rl.make_update(graphdef, tx, state_shardings=shardings, sampler_config=sampler_config,
                           loss_config=losses.PolicyLossConfig(), num_micro=NUM_MICRO,
                           entropy=None, group_size=G)
-  state, _ = state_lib.create_train_state(params, tx, one_device)
   mb = jax.tree.map(jnp.asarray, minibatch(rng))
   out = {"rl_update": timed_compile(lambda: update.lower(state, mb))}
   tokens = rng.integers(10, 1024, (P, LB)).astype(np.int32)

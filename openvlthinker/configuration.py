@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="suite", path="", image_root="", tfds_config="small", seq_len=192,
       batch_size=16, prompt_buckets=(64, 96, 128), max_images=1, worker_count=0,
-      skip_missing_images=False))
+      # json: skip (and count) records with a missing, undecodable or too large image or an
+      # unusable ground truth, instead of stopping on the first; max_image_pixels from the header.
+      skip_bad_records=False, max_image_pixels=100_000_000))
   c.data.mixture = _per_task(1.0)
   c.data.difficulty = _per_task(0)
   c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # '' = the shipped suite tokenizer.
@@ -84,7 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
       decode_phases=4))          # the decode loop grows its cache in this many phases.
-  c.rl.filter = ml_collections.ConfigDict(dict(enabled=True, low=0.01, high=0.99, max_tries=3))
+  # Dynamic filtering; a step that keeps no group trains on nothing: warned, and after
+  # max_empty_steps such steps in a row the run stops.
+  c.rl.filter = ml_collections.ConfigDict(dict(enabled=True, low=0.01, high=0.99, max_tries=3,
+                                               max_empty_steps=5))
   # Length shaping: static thresholds below, or adaptive ones (quantiles of the lengths of correct
   # responses, rl/shaping.py) that start from them.
   c.rl.length = ml_collections.ConfigDict(dict(enabled=False, weight=0.1, adaptive=True,
@@ -102,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(every=20, num_per_task=32, batch_size=64,
                                           max_new_tokens=96))
+  # What `--mode=eval` scores: '' = the newest checkpoint of the latest stage; 'sft' | 'rl' (that
+  # stage's newest); 'rl:STEP' | 'sft:STEP'; 'STEP' (of the latest stage). See train/weights.py.
+  c.eval.checkpoint = ""
   c.checkpoint = ml_collections.ConfigDict(dict(every=20, keep=2))
   c.debug = ml_collections.ConfigDict(dict(nan_loss_at_rl_step=-1))  # Test hook; -1 = off.
   c.progress_bar = True
@@ -191,7 +199,7 @@ def _data(c):
   _choice(c, "data.source", ("suite", "tfds", "json"))
   _check(c.data.source == "suite" or bool(c.data.path), "data.path",
          f"a path for data.source={c.data.source!r}", c.data.path)
-  for f in ("seq_len", "batch_size", "max_images"):
+  for f in ("seq_len", "batch_size", "max_images", "max_image_pixels"):
     _positive(c, f"data.{f}")
   buckets = tuple(c.data.prompt_buckets)
   _check(bool(buckets) and list(buckets) == sorted(set(buckets)) and buckets[0] > 0,
@@ -204,10 +212,27 @@ def _data(c):
 
 
 @check
+def _paths(c):
+  """Local files the run reads exist: found now, not after a model is built or SFT has run
+  (remote URLs such as gs://… are checked when they are read)."""
+  local = lambda path: bool(path) and "://" not in path
+  if c.data.source == "json" and local(c.data.path):
+    _check(os.path.isfile(c.data.path), "data.path", "an existing .json or .jsonl file",
+           c.data.path)
+  elif c.data.source == "tfds" and local(c.data.path):
+    _check(os.path.isdir(c.data.path), "data.path", "an existing TFDS data_dir", c.data.path)
+  _check(not local(c.data.image_root) or os.path.isdir(c.data.image_root), "data.image_root",
+         "'' (the data file's directory) or an existing directory", c.data.image_root)
+  _check(not local(c.tokenizer.path) or os.path.isfile(c.tokenizer.path), "tokenizer.path",
+         "'' (the shipped tokenizer) or an existing SentencePiece model file", c.tokenizer.path)
+
+
+@check
 def _sft(c):
-  for f in ("steps", "warmup_steps"):
-    value = c.sft[f]
-    _check(isinstance(value, int) and value >= 0, f"sft.{f}", "an integer >= 0", value)
+  _check(isinstance(c.sft.steps, int) and c.sft.steps >= 0, "sft.steps", "an integer >= 0",
+         c.sft.steps)
+  from openvlthinker.train.sft import sft_optimizer  # pylint: disable=g-import-not-at-top
+  _built("sft", lambda: sft_optimizer(c.sft))
 
 
 @check
@@ -230,6 +255,8 @@ def _rl(c):
   from openvlthinker.rl import advantages  # pylint: disable=g-import-not-at-top
   _choice(c, "rl.advantage", advantages.advantage_estimators())
   _choice(c, "rl.advantage_task_key", ("task_type", "problem_type"))
+  from openvlthinker.train.rl_stage import rl_optimizer  # pylint: disable=g-import-not-at-top
+  _built("rl", lambda: rl_optimizer(r))
   _built("rl.sampler", lambda: build_sampler(c))
   _built("rl.loss", lambda: build_loss(c))
   _built("rl.entropy", lambda: build_entropy(c))
@@ -238,12 +265,15 @@ def _rl(c):
   _check(0.0 <= r.filter.low < r.filter.high <= 1.0, "rl.filter.low",
          f"0 <= low < rl.filter.high={r.filter.high}", r.filter.low)
   _positive(c, "rl.filter.max_tries")
+  _positive(c, "rl.filter.max_empty_steps")
 
 
 @check
 def _eval_checkpoint(c):
   for f in ("every", "num_per_task", "batch_size", "max_new_tokens"):
     _positive(c, f"eval.{f}")
+  from openvlthinker.train import weights  # pylint: disable=g-import-not-at-top
+  _built("eval", lambda: weights.parse_spec(c.eval.checkpoint))
   _positive(c, "checkpoint.every")
   _positive(c, "checkpoint.keep")
 

@@ -1,16 +1,20 @@
 """Entry point: `python -m openvlthinker.main --config=configs/default.py --workdir=DIR`.
 
 Parses the ml_collections config (with `--config.a.b=value` overrides), validates it before anything
-compiles, builds the mesh, and runs the requested mode.
+compiles, builds the mesh, and runs the requested mode. Every error a user can cause (a config
+field, a data record or file, a workdir, a checkpoint) ends the run with one line,
+`error: <field or file:line>: ...`; `--verbose` adds the traceback.
 """
 from __future__ import annotations
 
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from openvlthinker import configuration
+from openvlthinker.errors import RunError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -19,6 +23,9 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, where "
     "it finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
     "JAX_PROCESS_ID).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error, print its traceback after the one-line message (and keep "
+    "the libraries' INFO logs).")
 _MODE = flags.DEFINE_enum("mode", "all", ["sft", "rl", "eval", "all", "forward"],
                           "What to run: SFT, RL, evaluation, SFT then RL (all), or one forward "
                           "pass as a smoke test.")
@@ -29,9 +36,15 @@ def _fail(message: str):
   sys.exit(2)
 
 
+def _one_line(e: BaseException) -> str:
+  lines = [l for l in str(e).splitlines() if l.strip()]
+  text = lines[0] if lines else type(e).__name__
+  return text + (" …" if len(lines) > 1 else "")
+
+
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:  # orbax and grain log every save at INFO.
+  if not (flags.FLAGS["verbosity"].present or _VERBOSE.value):  # orbax, grain log saves at INFO.
     logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     _fail("--config: expected a config file such as configs/default.py")
@@ -44,8 +57,18 @@ def main(argv):
   if _DISTRIBUTED.value:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
-  from openvlthinker.train import runner  # Imported late: the config must validate first.
-  runner.run(config, _WORKDIR.value, _MODE.value)
+  try:
+    from openvlthinker.train import runner  # Imported late: the config must validate first.
+    runner.run(config, _WORKDIR.value, _MODE.value)
+  except (ValueError, OSError, RunError) as e:
+    # What a user can cause (a field, a record, a file, a workdir) names itself in its message;
+    # the traceback helps only someone debugging the code.
+    if _VERBOSE.value:
+      traceback.print_exc()
+    _fail(_one_line(e))
+  except KeyboardInterrupt:
+    print("interrupted (a second Ctrl-C stops without saving)", file=sys.stderr)
+    sys.exit(130)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

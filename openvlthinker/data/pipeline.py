@@ -9,8 +9,10 @@ config (seed and worker_count included) gives the same batches.
 
 Records that cannot fit are dropped and counted, never truncated (a cut response would teach the
 model to stop without eos): an SFT example longer than seq_len, an RL prompt longer than the
-largest bucket, more images than max_images, an SFT example with no reasoning. Each batch carries
-`num_dropped`, the records dropped while filling it, counted inside the workers so it is exact.
+largest bucket, more images than max_images, an SFT example with no reasoning. So is, under
+skip_bad_records, a JSON record whose image file does not decode or is larger than
+max_image_pixels ("bad_image"): one bad file never stops a run. Each batch carries `num_dropped`,
+the records dropped while filling it, counted inside the workers so it is exact.
 """
 import collections
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from openvlthinker import taxonomy
+from openvlthinker.data import images
 from openvlthinker.data import json_source
 from openvlthinker.data import prompts
 from openvlthinker.data import sources
@@ -55,7 +58,12 @@ class DataConfig:
   seed: shuffling and mixture seed.
   worker_count: grain worker processes (0 = in the calling process).
   worker_buffer_size: batches each worker prepares ahead.
-  skip_missing_images: json: skip and count records whose image file is missing (else raise).
+  skip_bad_records: json: skip and count records whose image file is missing or whose ground truth
+    no answer could match (at start-up), and drop records whose image does not decode or has more
+    than max_image_pixels pixels (counted in num_dropped); when False each of these raises an
+    error naming the record (and the file).
+  max_image_pixels: json: the most pixels an image may have (read from its header, before
+    decoding); larger images are bad records. At most PIL's own hard limit (~179M).
   max_drops_per_batch: raise instead of dropping more records than this while filling one batch
     (a config that drops everything, e.g. seq_len too small, fails fast).
   """
@@ -75,7 +83,8 @@ class DataConfig:
   seed: int = 0
   worker_count: int = 0
   worker_buffer_size: int = 2
-  skip_missing_images: bool = False
+  skip_bad_records: bool = False
+  max_image_pixels: int = images.DEFAULT_MAX_PIXELS
   max_drops_per_batch: int = 1000
 
   def __post_init__(self):
@@ -86,6 +95,7 @@ class DataConfig:
     for name in ("batch_size", "seq_len", "image_size", "num_image_tokens", "max_images",
                  "worker_buffer_size", "max_drops_per_batch"):
       positive(name)
+    images.check_max_pixels(self.max_image_pixels)
     if self.source not in SOURCES:
       raise ValueError(f"data.source: got {self.source!r}, expected one of {SOURCES}")
     if self.source != "suite" and not self.path:
@@ -107,7 +117,8 @@ def make_source(config: DataConfig):
     return sources.SuiteSource(config.split, config.difficulty, config.image_size)
   if config.source == "json":
     return json_source.JsonSource(config.path, config.image_root or None,
-                                  config.skip_missing_images)
+                                  skip_bad_records=config.skip_bad_records,
+                                  max_image_pixels=config.max_image_pixels)
   # tensorflow_datasets is imported only when a snapshot is read: it is slow to import.
   from openvlthinker.data.tfds import suite_snapshot  # pylint: disable=g-import-not-at-top
   return suite_snapshot.SnapshotSource(config.path, config.tfds_config, config.split)
@@ -117,9 +128,20 @@ def make_source(config: DataConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Dropped:
-  """Stands in for a record that cannot fit; counted by the batcher."""
+  """Stands in for a record that cannot fit (or, "bad_image", cannot be read); counted by the
+  batcher."""
   reason: str
   uid: str
+
+
+# The config field each drop reason points at, for messages about records that do not fit.
+DROP_FIELDS = {
+    "prompt_longer_than_buckets": "data.prompt_buckets",
+    "longer_than_seq_len": "data.seq_len",
+    "too_many_images": "data.max_images",
+    "no_reasoning": "data.source",
+    "bad_image": "data.path",
+}
 
 
 def fit_images(example: Example, image_size: int, max_images: int) -> np.ndarray:
@@ -143,8 +165,10 @@ class SftFeatures:
   def __init__(self, config: DataConfig, tokenizer: tokenizer_lib.Tokenizer):
     self._config, self._tokenizer = config, tokenizer
 
-  def __call__(self, example: Example):
+  def __call__(self, example: Example | json_source.BadRecord):
     c = self._config
+    if isinstance(example, json_source.BadRecord):
+      return Dropped(example.reason, example.uid)
     if len(example.images) > c.max_images:
       return Dropped("too_many_images", example.uid)
     if not example.reasoning:
@@ -163,8 +187,10 @@ class RlFeatures:
   def __init__(self, config: DataConfig, tokenizer: tokenizer_lib.Tokenizer):
     self._config, self._tokenizer = config, tokenizer
 
-  def __call__(self, example: Example):
+  def __call__(self, example: Example | json_source.BadRecord):
     c = self._config
+    if isinstance(example, json_source.BadRecord):
+      return Dropped(example.reason, example.uid)
     if len(example.images) > c.max_images:
       return Dropped("too_many_images", example.uid)
     prompt = prompts.encode_prompt(example, self._tokenizer, c.num_image_tokens)
@@ -257,7 +283,8 @@ class _FillBatchIterator(grain.DatasetIterator):
         if drops.total() > self._max_drops:
           raise ValueError(f"data: dropped {drops.total()} records while filling one batch "
                            f"({dict(drops)}; last uid {item.uid!r}); check seq_len, "
-                           "prompt_buckets, max_images and that the source has reasoning for SFT")
+                           "prompt_buckets, max_images, that the source has reasoning for SFT "
+                           "and (bad_image) the image files the warnings name")
       else:
         items.append(item)
     return self._collate(items, drops.total())

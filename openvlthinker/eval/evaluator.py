@@ -23,13 +23,18 @@ class Evaluator:
   """Greedy decoding over a fixed held-out set; `__call__(params) -> {metric: float[num_tasks]}`."""
 
   def __init__(self, graphdef, source: Sequence[Example], data_config: pipeline.DataConfig,
-               tokenizer, *, batch_size: int, max_new_tokens: int, sharder):
+               tokenizer, *, batch_size: int, max_new_tokens: int, sharder,
+               description: str = "a custom source"):
     featurize = pipeline.RlFeatures(data_config, tokenizer)
     items = [featurize(example) for example in source]
-    if any(isinstance(it, pipeline.Dropped) for it in items):
-      dropped = [it.uid for it in items if isinstance(it, pipeline.Dropped)]
-      raise ValueError(f"eval: held-out examples {dropped[:3]} do not fit data.prompt_buckets="
-                       f"{data_config.prompt_buckets}")
+    dropped = [it for it in items if isinstance(it, pipeline.Dropped)]
+    if dropped:
+      first = dropped[0]
+      raise ValueError(f"{pipeline.DROP_FIELDS.get(first.reason, 'data')}: {len(dropped)} of the "
+                       f"{len(items)} evaluation problems cannot be used (first: {first.uid!r}, "
+                       f"{first.reason}; the largest prompt bucket is "
+                       f"{data_config.prompt_buckets[-1]})")
+    self.description = description  # which problems, for the reports
     self.batches = [pipeline.collate_rl(items[i:i + batch_size], 0, data_config.prompt_buckets)
                     for i in range(0, len(items), batch_size)]
     self.tokenizer = tokenizer
@@ -55,14 +60,27 @@ class Evaluator:
     return scoring.per_task_means(values, task_ids, taxonomy.NUM_TASKS)
 
 
+def eval_tasks(mixture) -> tuple[str, ...]:
+  """The task types a run trains on (positive mixture weight), in taxonomy order."""
+  weights = {taxonomy.canonical_task_type(t): w for t, w in dict(mixture).items()}
+  return tuple(t for t in taxonomy.TASK_TYPES if weights.get(t, 0) > 0)
+
+
 def build_evaluator(ctx) -> Evaluator:
-  """The run's evaluator (`config.eval`) on the suite's held-out split, from a train Context."""
+  """The run's evaluator (`config.eval`) on the suite's held-out split of the tasks it trains on,
+  from a train Context."""
   c = ctx.config
   data_config = ctx.data_config(c.eval.batch_size, "eval")
-  source = suite_heldout(c.eval.num_per_task, data_config.image_size, data_config.difficulty)
+  tasks = eval_tasks(c.data.mixture)
+  source = suite_heldout(c.eval.num_per_task, data_config.image_size, data_config.difficulty,
+                         tasks)
+  description = (f"the procedural suite's held-out split, {c.eval.num_per_task} problems per "
+                 f"task of {', '.join(tasks)}")
+  if c.data.source != "suite":  # Evaluation sets from files come with #10; say what this is.
+    description += f" (not data.path={c.data.path}: this run trains on data.source={c.data.source})"
   return Evaluator(ctx.graphdef, source, data_config, ctx.tokenizer,
                    batch_size=c.eval.batch_size, max_new_tokens=c.eval.max_new_tokens,
-                   sharder=ctx.sharder)
+                   sharder=ctx.sharder, description=description)
 
 
 def format_table(results: dict[str, dict[str, np.ndarray]], metric: str = "overall") -> str:

@@ -1,10 +1,13 @@
 """Rule-based rewards of REFERENCE §2: format, accuracy by problem type, structure bonus, overall.
 
 `score(response, answer, problem_type, **example_fields)` scores one response; it never raises on
-any response text (an unknown problem_type is a caller bug and raises ValueError). Accuracy
-functions are registered by problem type with `@register_reward`. Scoring is linear in the
-response length: the format check and answer extraction are written without backtracking regexes,
-and answers too long to be plausible are rejected before parsing.
+any response text (an unknown problem_type is a caller bug and raises ValueError). Each problem type
+registers, with `@register_reward(problem_type, read_truth)`, its accuracy function and the reader
+of its ground truth; the reader is the one parse of the truth, used both by `score` and by
+`check_ground_truth`, which data sources call at load time to reject a truth that no answer could
+ever match. An empty answer never scores. Scoring is linear in the response length: the format
+check and answer extraction are written without backtracking regexes, and answers too long to be
+plausible are rejected before parsing.
 
 Answer normalisation decisions (REFERENCE §2 leaves them open):
 - multiple choice: "C", "c", "C.", "C:", "C)", "(C)", "[C]", "C. text", "(C) text" all mean C; an
@@ -16,17 +19,21 @@ Answer normalisation decisions (REFERENCE §2 leaves them open):
 - spatial grounding: JSON {"boxes": [x1, y1, x2, y2]} (or one nested box [[...]]); finite numbers,
   booleans rejected, NaN / Infinity rejected; IoU is 0 unless x2 > x1 and y2 > y1.
 - open-ended: unigram F1 of lower-cased word tokens.
+- math: symbolic equivalence (math_equiv); a truth the parser cannot read (an interval, a set)
+  still matches a verbatim answer, so any truth with content is usable.
 """
 import json
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from openvlthinker import taxonomy
 from openvlthinker.rl import math_equiv
+from openvlthinker.rl import math_parse
 
 W_FMT = 0.1
 STRUCTURE_BONUS = 0.5
@@ -38,22 +45,32 @@ _MC_HEAD = re.compile(r"\(\s*([A-Za-z])\s*\)|\[\s*([A-Za-z])\s*\]|([A-Za-z])(?![
 _MAX_NUMBER_CHARS = 64
 _MAX_BOX_CHARS = 1024
 _MAX_OCR_WORDS = 4096
-_UNPARSABLE = ("no answer tag", "unparsable answer")
+_UNPARSABLE = ("no answer tag", "empty answer", "unparsable answer")
 _REGRESSION_TOLERANCES = tuple(round(0.50 - 0.05 * k, 2) for k in range(10))  # 1 - θ
 
-# An accuracy function: (predicted answer, true answer, example fields) -> (accuracy, error).
-Accuracy = Callable[[str, str, dict], tuple[float, str]]
+
+class UnusableTruth(ValueError):
+  """A ground truth that no answer could match; the message says why, as "expected ..., got ..."."""
+
+
+# A truth reader: (ground-truth text, options) -> the value the accuracy function compares with;
+# raises UnusableTruth. An accuracy function: (non-empty predicted answer, that value, example
+# fields) -> (accuracy, error).
+TruthReader = Callable[[str, Sequence[str]], Any]
+Accuracy = Callable[[str, Any, dict], tuple[float, str]]
 REWARDS: dict[str, Accuracy] = {}
+TRUTH_READERS: dict[str, TruthReader] = {}
 
 
-def register_reward(problem_type: str) -> Callable[[Accuracy], Accuracy]:
-  """Decorator registering the accuracy function of a problem type."""
+def register_reward(problem_type: str,
+                    read_truth: TruthReader) -> Callable[[Accuracy], Accuracy]:
+  """Decorator registering the accuracy function of a problem type and its truth reader."""
   key = taxonomy.canonical_problem_type(problem_type)
 
   def decorate(fn: Accuracy) -> Accuracy:
     if key in REWARDS:
       raise ValueError(f"problem_type: {key!r} already has a reward")
-    REWARDS[key] = fn
+    REWARDS[key], TRUTH_READERS[key] = fn, read_truth
     return fn
 
   return decorate
@@ -184,80 +201,156 @@ def word_error_rate(hypothesis: Sequence[str], reference: Sequence[str]) -> floa
   return float(row[-1]) / n_ref
 
 
+# ----------------------------------------------------------------------------- ground truth
+
+
+def truth_text(answer: str) -> str:
+  """The ground truth as scored: the text inside its one `<answer>…</answer>` pair (public
+  records), or the whole answer without tags (the suite's), stripped.
+
+  Raises UnusableTruth for an unpaired tag, several pairs or text outside the pair.
+  """
+  opens, closes = answer.count("<answer>"), answer.count("</answer>")
+  if not opens and not closes:
+    return answer.strip()
+  start, end = answer.find("<answer>"), answer.find("</answer>")
+  if opens != closes or end < start:
+    missing = "a closing </answer>" if opens > closes else "an opening <answer>"
+    problem = f"{missing} is missing" if opens != closes else "</answer> comes before <answer>"
+    raise UnusableTruth(f"expected the answer inside <answer>…</answer>, got {answer!r:.80} "
+                        f"({problem})")
+  if opens > 1 or answer[:start].strip() or answer[end + len("</answer>"):].strip():
+    raise UnusableTruth(f"expected one <answer>…</answer> pair and nothing around it, got "
+                        f"{answer!r:.80}")
+  return answer[start + len("<answer>"):end].strip()
+
+
+def read_truth(answer: str, problem_type: str, options: Sequence[str] = ()) -> Any:
+  """The value the accuracy function of `problem_type` compares answers with (a letter, a number,
+  a box, words...); raises UnusableTruth when no answer could match `answer`."""
+  kind = taxonomy.canonical_problem_type(problem_type)
+  truth = truth_text(answer)
+  if not truth:
+    raise UnusableTruth(f"expected a non-empty {kind} answer, got {answer!r:.80}")
+  return TRUTH_READERS[kind](truth, tuple(options or ()))
+
+
+def check_ground_truth(answer: str, problem_type: str, options: Sequence[str] = ()) -> str | None:
+  """Why `answer` is unusable as the ground truth of `problem_type` ("expected ..., got ..."), or
+  None when some answer can match it. Uses the reader that `score` uses, so a truth that passes
+  here is one the scorer reads."""
+  try:
+    read_truth(answer, problem_type, options)
+  except UnusableTruth as e:
+    return str(e)
+  return None
+
+
+def _letter_truth(truth: str, options: Sequence[str]) -> str:
+  want = option_letter(truth, options)
+  letters = sorted(_option_texts(options))
+  if want is None or (letters and want not in letters):
+    among = f" ({', '.join(letters)})" if letters else ""
+    raise UnusableTruth(f"expected an option letter{among}, got {truth!r:.80}")
+  return want
+
+
+def _number_truth(truth: str, options: Sequence[str]) -> float:
+  want = parse_number(truth)
+  if want is None:
+    raise UnusableTruth(f"expected a finite number, got {truth!r:.80}")
+  return want
+
+
+def _box_truth(truth: str, options: Sequence[str]) -> list[float]:
+  box = parse_box(truth, strict=False)
+  if box is None or box[2] <= box[0] or box[3] <= box[1]:
+    raise UnusableTruth('expected a box {"boxes": [x1, y1, x2, y2]} with x2 > x1 and y2 > y1, '
+                        f"got {truth!r:.80}")
+  return box
+
+
+def _word_truth(truth: str, options: Sequence[str]) -> list[str]:
+  words = truth.casefold().split()
+  if len(words) > _MAX_OCR_WORDS:  # the scorer reads at most this many predicted words
+    raise UnusableTruth(f"expected at most {_MAX_OCR_WORDS} words, got {len(words)}")
+  return words
+
+
+def _token_truth(truth: str, options: Sequence[str]) -> Counter:
+  tokens = Counter(re.findall(r"\w+", truth.casefold()))
+  if not tokens:
+    raise UnusableTruth(f"expected at least one word, got {truth!r:.80}")
+  return tokens
+
+
+def _math_truth(truth: str, options: Sequence[str]) -> str:
+  try:
+    empty = not math_parse.normalize(truth)
+  except math_parse.Unparsable:  # too long to parse: it still matches verbatim
+    empty = False
+  if empty:
+    raise UnusableTruth(f"expected a math expression, got {truth!r:.80}")
+  return truth
+
+
 # ----------------------------------------------------------------------------- accuracy by type
 
 
-@register_reward("multiple choice")
-def _multiple_choice(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  options = fields.get("options") or ()
-  want = option_letter(truth, options)
-  if want is None:
-    return 0.0, "unparsable ground truth"
-  got = option_letter(pred, options)
+@register_reward("multiple choice", _letter_truth)
+def _multiple_choice(pred: str, want: str, fields: dict) -> tuple[float, str]:
+  got = option_letter(pred, fields.get("options") or ())
   if got is None:
     return 0.0, "unparsable answer"
   return float(got == want), ""
 
 
-def _numbers(pred: str, truth: str) -> tuple[float, float] | str:
-  """(prediction, truth) as numbers, or the error that keeps the answer from scoring."""
-  want = parse_number(truth)
-  if want is None:
-    return "unparsable ground truth"
+def _number(pred: str) -> float | str:
   got = parse_number(pred)
-  if got is None:
-    return "unparsable answer"
-  return got, want
+  return "unparsable answer" if got is None else got
 
 
-@register_reward("numerical")
-def _numerical(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  parsed = _numbers(pred, truth)
-  if isinstance(parsed, str):
-    return 0.0, parsed
-  got, want = parsed
+@register_reward("numerical", _number_truth)
+def _numerical(pred: str, want: float, fields: dict) -> tuple[float, str]:
+  got = _number(pred)
+  if isinstance(got, str):
+    return 0.0, got
   return float(round(got, 2) == round(want, 2)), ""
 
 
-@register_reward("regression")
-def _regression(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  parsed = _numbers(pred, truth)
-  if isinstance(parsed, str):
-    return 0.0, parsed
-  got, want = parsed
+@register_reward("regression", _number_truth)
+def _regression(pred: str, want: float, fields: dict) -> tuple[float, str]:
+  got = _number(pred)
+  if isinstance(got, str):
+    return 0.0, got
   rel = abs(got - want) / (abs(want) + 1e-8)
   return sum(rel < tol for tol in _REGRESSION_TOLERANCES) / len(_REGRESSION_TOLERANCES), ""
 
 
-@register_reward("ocr")
-def _ocr(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  ref = truth.casefold().split()
+@register_reward("ocr", _word_truth)
+def _ocr(pred: str, ref: list[str], fields: dict) -> tuple[float, str]:
   hyp = pred.casefold().split(None, _MAX_OCR_WORDS)[:_MAX_OCR_WORDS + 1]
   if abs(len(hyp) - len(ref)) >= max(1, len(ref)):
     return 0.0, ""  # the distance is at least the length gap, so WER >= 1
   return float(np.clip(1.0 - word_error_rate(hyp, ref), 0.0, 1.0)), ""
 
 
-@register_reward("math")
+@register_reward("math", _math_truth)
 def _math(pred: str, truth: str, fields: dict) -> tuple[float, str]:
   same, reason = math_equiv.check(pred, truth)
   return float(same), "unparsable answer" if reason == "unparsable" else reason
 
 
-@register_reward("spatial grounding")
-def _grounding(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  want = parse_box(truth, strict=False)
-  if want is None:
-    return 0.0, "unparsable ground truth"
+@register_reward("spatial grounding", _box_truth)
+def _grounding(pred: str, want: list[float], fields: dict) -> tuple[float, str]:
   got = parse_box(pred)
   if got is None:
     return 0.0, "unparsable answer"
   return iou(got, want), ""
 
 
-@register_reward("open-ended")
-def _open_ended(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  ref = Counter(re.findall(r"\w+", truth.casefold()))
+@register_reward("open-ended", _token_truth)
+def _open_ended(pred: str, ref: Counter, fields: dict) -> tuple[float, str]:
   hyp = Counter(re.findall(r"\w+", pred.casefold()[:100_000]))
   common = sum((ref & hyp).values())
   if not common:
@@ -280,7 +373,8 @@ def score(response: str, answer: str, problem_type: str, **example_fields) -> di
 
   Returns floats "format", "accuracy", "structure", "overall" (without the length term; the trainer
   adds it with `combine`), "parsed_answer" (the extracted answer, cut to 200 characters) and
-  "error" ("" or why the answer did not score). example_fields: "options" for multiple choice.
+  "error" ("" or why the answer did not score: "no answer tag", "empty answer", "unparsable
+  answer", "unparsable ground truth", ...). example_fields: "options" for multiple choice.
   """
   kind = taxonomy.canonical_problem_type(problem_type)
   fmt = acc = struct = 0.0
@@ -290,14 +384,19 @@ def score(response: str, answer: str, problem_type: str, **example_fields) -> di
       raise TypeError(f"response: expected str, got {type(response).__name__}")
     fmt = float(format_ok(response))
     pred = extract_answer(response)
-    # Public records wrap the ground truth in <answer> tags; the suite's do not.
-    truth = (extract_answer(answer) if "<answer>" in answer else answer.strip()) or ""
     if pred is None:
       error = "no answer tag"
+    elif not pred:  # never credit producing nothing, whatever the truth
+      error = "empty answer"
     else:
       parsed = pred[:200]
-      acc, error = REWARDS[kind](pred, truth, example_fields)
-      acc = float(acc) if math.isfinite(acc) else 0.0
+      try:
+        want = read_truth(answer, kind, example_fields.get("options") or ())
+      except UnusableTruth:
+        error = "unparsable ground truth"
+      else:
+        acc, error = REWARDS[kind](pred, want, example_fields)
+        acc = float(acc) if math.isfinite(acc) else 0.0
     if fmt:
       if kind == "spatial grounding":
         struct = STRUCTURE_BONUS if pred is not None and parse_box(pred) is not None else 0.0
@@ -313,7 +412,7 @@ def score_batch(responses: Sequence[str], examples: Sequence[dict]) -> dict[str,
   """Scores B responses; examples[i] holds "answer", "problem_type" and optional "options".
 
   Returns float32[B] arrays "format", "accuracy", "structure", "overall" and int32[B] "unparsable"
-  (1 where the response had no answer tag or an answer that did not parse as its type).
+  (1 where the response had no answer tag, an empty answer or one that did not parse as its type).
   """
   if len(responses) != len(examples):
     raise ValueError(f"responses: got {len(responses)}, expected one per example "

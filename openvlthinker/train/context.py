@@ -43,7 +43,8 @@ class Context:
         prompt_buckets=tuple(d.prompt_buckets), image_size=size,
         num_image_tokens=image_tokens, max_images=d.max_images,
         mixture=d.mixture.to_dict(), difficulty=d.difficulty.to_dict(), seed=self.config.seed,
-        worker_count=d.worker_count, skip_missing_images=d.skip_missing_images)
+        worker_count=d.worker_count, skip_bad_records=d.skip_bad_records,
+        max_image_pixels=d.max_image_pixels)
 
 
 def make_sharder(config: ml_collections.ConfigDict) -> sharding.Sharder:

@@ -7,7 +7,6 @@ optax states, shaping statistics) round-trips through orbax without custom handl
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 from typing import Any, Callable, Iterable
@@ -15,15 +14,16 @@ from typing import Any, Callable, Iterable
 import flax
 import jax
 
-from openvlthinker.train.checkpoint import CheckpointError, Checkpointer
+from openvlthinker.train.checkpoint import Checkpointer, leaf_name
 
 
 def flatten_state(tree: Any) -> dict[str, Any]:
-  """{path name: leaf}; names are the keystr of each leaf made filesystem-safe."""
+  """{path name: leaf}; names are the keystr of each leaf made filesystem-safe (`leaf_name`, the
+  names checkpoint errors use)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in flat:
-    name = re.sub(r"[^A-Za-z0-9_]+", ".", jax.tree_util.keystr(path)).strip(".")
+    name = leaf_name(path)
     if name in out:
       raise ValueError(f"state: two leaves share the checkpoint name {name!r}")
     out[name] = leaf
@@ -65,21 +65,26 @@ class StageCheckpoints:
     self.checkpointer.save(step, flatten_state(state), {**meta, "stage": self.stage})
 
   def restore(self, template: Any):
-    """(step, state, meta) of the newest readable checkpoint, or None."""
+    """(step, state, meta) of the newest readable checkpoint, or None. Unreadable newer steps are
+    moved aside (`<step>.damaged`); a checkpoint whose leaves are not the template's raises
+    `CheckpointMismatch`."""
     found = self.checkpointer.restore_latest(flatten_state(template))
     if found is None:
       return None
     step, flat, meta = found
     return step, unflatten_state(template, flat), meta
 
-  def restore_params(self, params: Any) -> tuple[int, Any]:
-    """(step, parameters) of the newest checkpoint, onto the shardings of `params`."""
-    steps = self.checkpointer.steps()
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.checkpointer.directory}")
-    names = flatten_state(_ParamsOnly(params))
-    flat = self.checkpointer.restore_subtree(steps[-1], names)
-    return steps[-1], unflatten_state(_ParamsOnly(params), flat).params
+  def restore_params(self, params: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, parameters) of checkpoint `step`, or of the newest readable one when None (moving
+    unreadable newer ones aside), onto the shardings and dtypes of `params`. The checkpoint must
+    hold the leaves of `params` with their shapes (`CheckpointMismatch` otherwise); a dtype may
+    differ (it is cast). A missing or unreadable given `step` is a `CheckpointError`."""
+    step, flat = self.checkpointer.restore_subtree(flatten_state(_ParamsOnly(params)), step)
+    return step, unflatten_state(_ParamsOnly(params), flat).params
+
+  def steps(self) -> list[int]:
+    """The steps saved, oldest first."""
+    return self.checkpointer.steps()
 
   def latest_step(self) -> int | None:
     steps = self.checkpointer.steps()
@@ -87,22 +92,30 @@ class StageCheckpoints:
 
 
 class Preempted(Exception):
-  """Raised after the checkpoint is saved when SIGTERM arrived; the runner exits with status 0."""
+  """Raised after the checkpoint is saved when SIGTERM or SIGINT arrived; the runner exits 0."""
 
 
 class Preemption:
-  """Turns SIGTERM (TPU preemption) into a flag the loop checks after each step."""
+  """Turns SIGTERM (TPU preemption) and the first Ctrl-C (SIGINT) into a flag the loop checks
+  after each step, so both save before exiting; a second Ctrl-C interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.requested: str | None = None  # the name of the signal that arrived
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # The next Ctrl-C is the user insisting: raise right away.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      print("SIGINT: saving a checkpoint after this step (Ctrl-C again to stop now)",
+            file=sys.stderr, flush=True)
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):
@@ -131,8 +144,8 @@ def run_stage(name: str, steps: int, state: Any, step_fn: Callable[[Any, int], t
   Resumes from the newest readable checkpoint (state, data-iterator state, `load_meta(meta)`),
   cuts the metrics of `name` and of the stages in `truncate` back to that step, and calls
   `step_fn(state, step) -> (state, metrics)` for each remaining step, then `after_step(step + 1,
-  state, done)`. Saves every `checkpoint_every` steps, at the end and on SIGTERM; after a SIGTERM
-  save raises `Preempted`.
+  state, done)`. Saves every `checkpoint_every` steps, at the end and on SIGTERM or SIGINT; after
+  such a save raises `Preempted`.
   """
   start = 0
   restored = ckpts.restore(state)
@@ -158,7 +171,7 @@ def run_stage(name: str, steps: int, state: Any, step_fn: Callable[[Any, int], t
       if done or (step + 1) % checkpoint_every == 0 or preempt.requested:
         ckpts.save(step + 1, state, {"data_iterator": data_iter.get_state(), **save_meta()})
       if preempt.requested and not done:
-        raise Preempted(f"SIGTERM: saved the {name} checkpoint at step {step + 1}")
+        raise Preempted(f"{preempt.requested}: saved the {name} checkpoint at step {step + 1}")
   finally:
     bar.close()
     preempt.restore()

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from openvlthinker import taxonomy
+from openvlthinker.fields import check
 from openvlthinker.rl import rewards, shaping
 
 
@@ -25,6 +26,11 @@ class LengthShaping:
   adaptive: bool
   static: np.ndarray                       # float32[T, 4] (L_min, L_low, L_high, L_max)
   adaptive_config: shaping.AdaptiveLengthConfig
+
+  def __post_init__(self):
+    # The accuracy weight is 1 - w_fmt - w_len: it must stay positive.
+    check(isinstance(self.weight, (int, float)) and 0 <= self.weight < 1 - rewards.W_FMT,
+          "weight", f"a number in [0, {1 - rewards.W_FMT:g})", self.weight)
 
   @classmethod
   def from_config(cls, length, max_length: int) -> LengthShaping:

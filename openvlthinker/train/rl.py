@@ -55,12 +55,14 @@ def policy_logprobs(params, graphdef: nnx.GraphDef, mb: RolloutBatch, sampler_co
   return logprobs(jnp.concatenate([jnp.repeat(prompt_logits, g, axis=0), response_logits], axis=1))
 
 
-def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, sampler_config,
-                loss_config: losses.PolicyLossConfig, num_micro: int,
+def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, state_shardings,
+                sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
                 entropy: shaping.EntropyShapingConfig | None, nan_at_step: int = -1,
                 group_size: int = 1):
   """(TrainState, RolloutBatch minibatch) → (TrainState, metrics), jitted with the state donated
-  (one compile per batch shape and `response_start`).
+  and returned on `state_shardings` (`state.train_state_shardings`: left to XLA, the layout drifts
+  and the next update and rollout compile again); one compile per batch shape and
+  `response_start`.
 
   `nan_at_step` is a test hook: the loss of that optimizer step is multiplied by NaN, so the
   non-finite-gradient skip can be exercised end to end. `group_size` > 1 shares each prompt's
@@ -114,4 +116,4 @@ def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, sam
       out["entropy_loss"] = metrics["entropy_loss_sum"] / num_micro
     return state, {**out, **update_metrics}
 
-  return jax.jit(update, donate_argnums=0)
+  return jax.jit(update, out_shardings=(state_shardings, None), donate_argnums=0)

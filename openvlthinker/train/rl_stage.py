@@ -13,15 +13,18 @@ k reproduces the uninterrupted run's steps k+1, k+2, … exactly.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 from openvlthinker import configuration
 from openvlthinker import eval as eval_lib
 from openvlthinker.data import pipeline
+from openvlthinker.errors import RunError
 from openvlthinker.rl import advantages as advantages_lib
 from openvlthinker.sampler import Sampler
 from openvlthinker.train import loop, rl, rl_metrics
@@ -29,21 +32,27 @@ from openvlthinker.train import rollout as rollout_lib
 from openvlthinker.train.batch import RolloutBatch
 from openvlthinker.train.context import Context, task_key_ids
 from openvlthinker.train.reward import LengthShaping, TrainingReward
-from openvlthinker.train.state import TrainState, create_train_state, make_optimizer
+from openvlthinker.train.state import (TrainState, create_train_state, make_optimizer,
+                                       train_state_shardings)
 
 # The update's response width is rounded up to a multiple of this (few shapes compile).
 RESPONSE_BUCKET = 16
 
 
+def rl_optimizer(r) -> optax.GradientTransformation:
+  """AdamW of the `config.rl` section (no warmup: RL starts from a trained policy)."""
+  return make_optimizer(r.learning_rate, b1=r.b1, b2=r.b2, weight_decay=r.weight_decay,
+                        grad_clip=r.grad_clip)
+
+
 class RLStage:
   """Builds the RL machinery from a Context; `run(initial_params)` trains and returns params."""
 
-  def __init__(self, ctx: Context, metrics_writer):
+  def __init__(self, ctx: Context, metrics_writer, evaluator: eval_lib.Evaluator | None = None):
     c = ctx.config
     r = c.rl
     self.ctx, self.c, self.writer = ctx, c, metrics_writer
-    self.tx = make_optimizer(r.learning_rate, b1=r.b1, b2=r.b2, weight_decay=r.weight_decay,
-                             grad_clip=r.grad_clip)
+    self.tx = rl_optimizer(r)
     tok = ctx.tokenizer
     self.sampler_config = configuration.build_sampler(c, stop_tokens=(tok.eos_id,),
                                                       pad_id=tok.pad_id)
@@ -53,14 +62,18 @@ class RLStage:
     self.reward = TrainingReward(LengthShaping.from_config(r.length, r.sampler.max_new_tokens))
     self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
+    self.state_shardings = train_state_shardings(ctx.initial_params, self.tx, ctx.sharder,
+                                                 self.reward.init_stats())
     self.update = rl.make_update(
-        ctx.graphdef, self.tx, sampler_config=self.sampler_config, loss_config=self.loss_config,
+        ctx.graphdef, self.tx, state_shardings=self.state_shardings,
+        sampler_config=self.sampler_config, loss_config=self.loss_config,
         num_micro=self.rows // r.micro_batch_size, entropy=self.entropy,
         nan_at_step=c.debug.nan_loss_at_rl_step,
         group_size=r.group_size if r.share_prompt_forward else 1)
     self.reference_logprobs = jax.jit(
         lambda p, mb: rl.policy_logprobs(p, ctx.graphdef, mb, self.sampler_config)[0])
-    self._evaluator = None
+    self._evaluator = evaluator
+    self.empty_streak = 0  # consecutive steps whose filter kept nothing (checkpointed)
 
   @property
   def evaluator(self) -> eval_lib.Evaluator:
@@ -90,7 +103,10 @@ class RLStage:
   def advantages(self, batch: RolloutBatch) -> RolloutBatch:
     """The estimator over the whole batch; zero on invalid rows (the estimators' contract)."""
     group_ids = np.arange(batch.size, dtype=np.int32) // self.c.rl.group_size
-    adv = self.advantage_fn(batch.reward, group_ids, batch.task_keys, batch.valid)
+    # Dense task ids in [0, B), the estimators' contract (a task or problem-type id can exceed a
+    # small batch); the stage-2 grouping by equal key is unchanged.
+    _, task_ids = np.unique(batch.task_keys, return_inverse=True)
+    adv = self.advantage_fn(batch.reward, group_ids, task_ids.astype(np.int32), batch.valid)
     return batch.replace(advantages=np.asarray(adv, np.float32))
 
   def updates(self, state: TrainState, batch: RolloutBatch, ref_params
@@ -107,6 +123,25 @@ class RLStage:
       metrics.append(jax.device_get(m))
     return state, metrics
 
+  def count_empty(self, step: int, batch: RolloutBatch, sampled_groups: int) -> bool:
+    """Whether the filter kept no group this step: warns, and raises RunError after
+    `rl.filter.max_empty_steps` such steps in a row."""
+    if batch.valid.any():
+      self.empty_streak = 0
+      return False
+    self.empty_streak += 1
+    f = self.c.rl.filter
+    print(f"warning: rl step {step + 1}: the filter kept 0 of {sampled_groups} sampled groups "
+          f"(each group's accuracy was outside ({f.low}, {f.high})), so this step trains on "
+          f"nothing ({self.empty_streak} in a row; the run stops at {f.max_empty_steps})",
+          file=sys.stderr, flush=True)
+    if self.empty_streak >= f.max_empty_steps:
+      raise RunError(
+          f"rl.filter: {self.empty_streak} steps in a row kept no group (every group's mean "
+          f"accuracy was outside ({f.low}, {f.high})): widen rl.filter.low/high, raise rl.filter.max_tries, "
+          "change data.difficulty, or raise rl.filter.max_empty_steps")
+    return True
+
   def step(self, state: TrainState, data_iter, step: int, ref_params
            ) -> tuple[TrainState, dict[str, float]]:
     start = time.perf_counter()
@@ -116,9 +151,13 @@ class RLStage:
     state = state.replace(extra=self.reward.update_stats(
         state.extra, batch.lengths, batch.task_ids, batch.accuracy, batch.valid))
     update_start = time.perf_counter()
-    state, update_metrics = self.updates(state, batch, ref_params)
-    metrics = {**ro.stats, "update_s": time.perf_counter() - update_start,
-               **rl_metrics.reduce_updates(update_metrics, batch),
+    empty = self.count_empty(step, batch, ro.stats["groups_sampled"])
+    update_metrics = {}
+    if not empty:  # An update on no rows would still move the weights (momentum, decay).
+      state, updates = self.updates(state, batch, ref_params)
+      update_metrics = rl_metrics.reduce_updates(updates, batch)
+    metrics = {**ro.stats, "update_s": time.perf_counter() - update_start, **update_metrics,
+               "empty_step": float(empty),
                **rl_metrics.rollout_metrics(batch, ro.sampled, self.c.rl.length.enabled),
                "skipped_steps_total": int(state.skipped)}
     metrics["step_s"] = time.perf_counter() - start
@@ -139,11 +178,12 @@ class RLStage:
     evals: dict[str, dict[str, np.ndarray]] = {}
 
     def load_meta(meta):
+      self.empty_streak = int(meta.get("empty_streak", 0))
       evals.update({k: {m: np.asarray(v, np.float64) for m, v in res.items()}
                     for k, res in meta.get("evals", {}).items()})
 
     def save_meta():
-      return {"evals": {k: {m: np.asarray(v).tolist() for m, v in res.items()}
+      return {"empty_streak": self.empty_streak, "evals": {k: {m: np.asarray(v).tolist() for m, v in res.items()}
                         for k, res in evals.items()}}
 
     def after_step(done_steps, state, done):

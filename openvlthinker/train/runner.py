@@ -1,8 +1,10 @@
 """Dispatches a validated config to its stages and writes the run's final report.
 
 Stages: `sft` (cold start), `rl` (G²RPO from the SFT checkpoint when there is one), `all` (both),
-`eval` (the held-out evaluation of the newest parameters), `forward` (a smoke test). Each stage
-resumes from its own checkpoints in the workdir, so rerunning a command continues where it stopped.
+`eval` (the held-out evaluation of the weights `eval.checkpoint` names, by default the newest of the
+latest stage; `train/weights.py`), `forward` (a smoke test). Each stage resumes from its own
+checkpoints in the workdir, so rerunning a command continues where it stopped. Training modes hold
+the workdir's lock and run the data preflight before anything compiles.
 """
 from __future__ import annotations
 
@@ -15,28 +17,61 @@ import numpy as np
 
 from openvlthinker import eval as eval_lib
 from openvlthinker import plots
+from openvlthinker.fields import FieldError
 from openvlthinker.metrics import MetricsWriter
-from openvlthinker.train import loop, sft
+from openvlthinker.train import loop, preflight, sft
+from openvlthinker.train import weights as weights_lib
 from openvlthinker.train.context import build_context
+from openvlthinker.train.workdir_lock import WorkdirLock
 
 
-def _sft_params_or_initial(ctx, writer, mode: str):
-  if mode in ("sft", "all"):
-    return sft.run_sft(ctx, writer)
-  # `rl` / `eval` alone start from the finished SFT stage when the workdir has one.
-  ckpts = loop.StageCheckpoints(ctx.workdir, "sft", ctx.config.checkpoint.keep)
-  if ckpts.latest_step() is None:
-    return ctx.initial_params
-  return sft.run_sft(ctx, writer)  # Finished: restores and returns without training.
+def _rl_start(ctx, writer, mode: str) -> weights_lib.Weights:
+  """What RL starts from: the SFT stage's result (trained now for `all`; for `rl` the finished SFT
+  stage in the workdir), else the run's initial weights, said loudly."""
+  if mode == "all" or weights_lib.saved_steps(ctx, "sft"):
+    params = sft.run_sft(ctx, writer)  # Finished already: restores without training.
+    if ctx.config.sft.steps:
+      step = ctx.config.sft.steps
+      return weights_lib.Weights(params, "sft", step,
+                                 os.path.join(ctx.workdir, "sft", "checkpoints", str(step)))
+  start = weights_lib.initial(ctx)
+  if start.is_random:
+    print(f"warning: rl: no SFT checkpoint in {ctx.workdir}/sft and no model.init: RL starts "
+          "from the RANDOM initial weights", file=sys.stderr, flush=True)
+  return start
 
 
-def report(workdir: str, evals: dict) -> str:
+def evaluate(ctx) -> str:
+  """`--mode=eval`: scores the weights `eval.checkpoint` names; writes eval/<label>.json."""
+  try:
+    chosen = weights_lib.select(ctx, ctx.config.eval.checkpoint)
+  except FieldError as e:
+    raise e.under("eval") from None
+  prefix = "warning: " if chosen.is_random else ""
+  print(f"{prefix}eval: scoring {chosen.describe()}", file=sys.stderr if prefix else sys.stdout,
+        flush=True)
+  evaluator = eval_lib.build_evaluator(ctx)
+  print(f"eval set: {evaluator.description}", flush=True)
+  results = evaluator(chosen.params, jax.random.key(0))
+  out_dir = os.path.join(ctx.workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{chosen.label.replace('@', '_')}.json")
+  with open(path, "w") as f:
+    json.dump({"weights": {"stage": chosen.stage, "step": chosen.step, "path": chosen.path,
+                           "param_norm": chosen.param_norm},
+               "eval_set": evaluator.description,
+               "results": {k: np.asarray(v).tolist() for k, v in results.items()}}, f, indent=1)
+  return eval_lib.format_table({chosen.label: results}, "overall") + f"\n\nwrote {path}"
+
+
+def report(workdir: str, evals: dict, description: str = "") -> str:
   table = eval_lib.format_table(evals, "overall")
+  eval_set = f"Evaluated on {description}.\n\n" if description else ""
   accuracy = eval_lib.format_table(evals, "accuracy")
   before, after = evals["before_rl"]["overall"], evals["after_rl"]["overall"]
   improved = int(np.sum(after > before + 1e-9))
   present = int(np.sum(np.isfinite(before)))
-  text = (f"Held-out overall reward per task (greedy decoding):\n\n{table}\n\n"
+  text = (f"{eval_set}Held-out overall reward per task (greedy decoding):\n\n{table}\n\n"
           f"Held-out accuracy per task:\n\n{accuracy}\n\n"
           f"RL raised the held-out overall reward on {improved} of {present} task types.\n")
   with open(os.path.join(workdir, "eval_table.md"), "w") as f:
@@ -53,24 +88,27 @@ def run(config, workdir: str, mode: str):
     print(forward_smoke(config))
     return
   os.makedirs(workdir, exist_ok=True)
-  ctx = build_context(config, workdir)
-  writer = MetricsWriter(workdir)
-  try:
-    params = _sft_params_or_initial(ctx, writer, mode)
-    if mode == "sft":
-      return
-    if mode == "eval":
-      results = eval_lib.build_evaluator(ctx)(params, jax.random.key(0))
-      print(eval_lib.format_table({"eval": results}, "overall"))
-      return
-    from openvlthinker.train.rl_stage import RLStage
-    stage = RLStage(ctx, writer)
-    _, evals = stage.run(params)
-    print(report(workdir, evals))
-    for path in plots.write_plots(workdir, evals):
-      print(f"wrote {path}")
-  except loop.Preempted as e:
-    print(str(e) + "; rerun the same command to resume", file=sys.stderr)
-    sys.exit(0)
-  finally:
-    writer.close()
+  if mode == "eval":  # Reads checkpoints only: may run beside a training run on the same workdir.
+    print(evaluate(build_context(config, workdir)))
+    return
+  with WorkdirLock(workdir):
+    ctx = build_context(config, workdir)
+    evaluator = preflight.check(ctx, mode)
+    writer = MetricsWriter(workdir)
+    try:
+      if mode == "sft":
+        sft.run_sft(ctx, writer)
+        return
+      start = _rl_start(ctx, writer, mode)
+      print(f"rl: starting from {start.describe()}", flush=True)
+      from openvlthinker.train.rl_stage import RLStage
+      stage = RLStage(ctx, writer, evaluator)
+      _, evals = stage.run(start.params)
+      print(report(workdir, evals, stage.evaluator.description))
+      for path in plots.write_plots(workdir, evals):
+        print(f"wrote {path}")
+    except loop.Preempted as e:
+      print(str(e) + "; rerun the same command to resume", file=sys.stderr)
+      sys.exit(0)
+    finally:
+      writer.close()

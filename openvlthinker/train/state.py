@@ -9,6 +9,7 @@ optimizer state unchanged, the skip counted), as REFERENCE §4 asks.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from openvlthinker import sharding
+from openvlthinker.fields import check
 from openvlthinker.sharding import Sharder
 
 
@@ -32,14 +34,26 @@ class TrainState:
 def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
                    weight_decay: float = 0.0, grad_clip: float = 1.0,
                    warmup_steps: int = 0) -> optax.GradientTransformation:
-  """AdamW with decay on matrices only (not norms or biases), after global-norm clipping."""
+  """AdamW with decay on matrices only (not norms or biases), after global-norm clipping
+  (`grad_clip=0` turns clipping off). Raises FieldError naming a bad argument."""
+  finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+  check(finite(learning_rate) and learning_rate > 0, "learning_rate", "a finite number > 0",
+        learning_rate)
+  for name, beta in (("b1", b1), ("b2", b2)):
+    check(finite(beta) and 0 <= beta < 1, name, "a number in [0, 1)", beta)
+  check(finite(weight_decay) and weight_decay >= 0, "weight_decay", "a finite number >= 0",
+        weight_decay)
+  check(finite(grad_clip) and grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)",
+        grad_clip)
+  check(isinstance(warmup_steps, int) and warmup_steps >= 0, "warmup_steps", "an integer >= 0",
+        warmup_steps)
   lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps
         else learning_rate)
   if warmup_steps:
     lr = optax.join_schedules([lr, optax.constant_schedule(learning_rate)], [warmup_steps])
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   chain = [optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
-  if grad_clip and grad_clip > 0:
+  if grad_clip > 0:
     chain.insert(0, optax.clip_by_global_norm(grad_clip))
   return optax.chain(*chain)
 
@@ -73,15 +87,25 @@ def state_shardings(abstract: TrainState, sharder: Sharder) -> TrainState:
                     extra=jax.tree.map(lambda _: replicated, abstract.extra))
 
 
-def create_train_state(params: Any, tx: optax.GradientTransformation, sharder: Sharder,
-                       extra: Any = None) -> tuple[TrainState, TrainState]:
-  """A fresh state and its shardings (see `state_shardings`), made by one jitted init."""
+def _init_fn(tx: optax.GradientTransformation):
   def init(params, extra):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       skipped=jnp.zeros((), jnp.int32), extra=extra)
+  return init
 
-  shardings = state_shardings(jax.eval_shape(init, params, extra), sharder)
-  return jax.jit(init, out_shardings=shardings)(params, extra), shardings
+
+def train_state_shardings(params: Any, tx: optax.GradientTransformation, sharder: Sharder,
+                          extra: Any = None) -> TrainState:
+  """The shardings of the state `create_train_state` makes, without making it: what a jitted
+  update pins as its out_shardings, so the state keeps the rule table's layout step after step."""
+  return state_shardings(jax.eval_shape(_init_fn(tx), params, extra), sharder)
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, sharder: Sharder,
+                       extra: Any = None) -> tuple[TrainState, TrainState]:
+  """A fresh state and its shardings (see `state_shardings`), made by one jitted init."""
+  shardings = train_state_shardings(params, tx, sharder, extra)
+  return jax.jit(_init_fn(tx), out_shardings=shardings)(params, extra), shardings
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation

@@ -1,7 +1,11 @@
 """JsonSource reads the public OpenVLThinkerV2 format (JSON in fixtures/, images made here)."""
+import io
 import json
 import os
+import re
 import shutil
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -71,7 +75,7 @@ def test_missing_image_names_record_and_path(fixture_file, tmp_path):
   _write_images(tmp_path, names=[n for n in IMAGES if n != "imgs/sub/black.png"])
   with pytest.raises(FileNotFoundError, match=r"problem_id 3.*imgs/sub/black\.png"):
     json_source.JsonSource(str(fixture_file))
-  source = json_source.JsonSource(str(fixture_file), skip_missing_images=True)
+  source = json_source.JsonSource(str(fixture_file), skip_bad_records=True)
   assert source.num_skipped == 1 and len(source) == 3
   assert "problem_id 3" in source.skipped[0][0]
   assert sorted(source[i].uid for i in range(3)) == ["1", "2", "4"]
@@ -89,9 +93,10 @@ def test_shared_sample_names_its_first_missing_file(tmp_path):
   missing = r"problem_id 7.*Spatial-Grounding/train2014/COCO_train2014_000000355231\.jpg"
   with pytest.raises(FileNotFoundError, match=missing):
     json_source.JsonSource(path, image_root=str(tmp_path))
-  source = json_source.JsonSource(path, image_root=str(tmp_path), skip_missing_images=True)
-  with open(path) as f:
-    assert source.num_skipped == len(json.load(f)) and len(source) == 0
+  # Skipping them all leaves nothing to train on: that is an error too, saying so.
+  with pytest.raises(ValueError, match=r"openvlthinker_v2_format_sample\.json: all 7 records were "
+                     r"skipped \(7 missing image; first: .*problem_id 7.*COCO_train2014"):
+    json_source.JsonSource(path, image_root=str(tmp_path), skip_bad_records=True)
 
 
 def _one_record(tmp_path, **changes):
@@ -143,3 +148,153 @@ def test_unreadable_image_names_record(tmp_path):
   source = json_source.JsonSource(path)
   with pytest.raises(ValueError, match=r"problem_id 9.*cannot read image .*a\.png"):
     source[0]
+
+
+# ---------------------------------------------------------------------- ground truth
+
+
+@pytest.mark.parametrize("answer, pattern", [
+    ("<answer>3", r"closing </answer> is missing"),
+    ("3</answer>", r"opening <answer> is missing"),
+    ("<answer>1</answer> <answer>2</answer>", r"one <answer>…</answer> pair"),
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_broken_answer_tags_name_record_and_field(tmp_path, answer, pattern, skip):
+  # A malformed file, not a bad problem: an error even when skipping bad records.
+  path = _one_record(tmp_path, answer=answer)
+  with pytest.raises(ValueError, match=r"^record one\.json\[0\] \(problem_id 9\): field "
+                     r"'answer': expected .*" + pattern):
+    json_source.JsonSource(path, skip_bad_records=skip)
+
+
+def _two_records(tmp_path, problem_type, answer, options):
+  """one.jsonl: line 1 a good record, line 3 (problem_id 7) the one under test."""
+  good = {"problem_id": 1, "problem": "<image> q?", "problem_type": "numerical",
+          "task_type": "ocr", "answer": "<answer>1</answer>", "images": ["a.png"]}
+  bad = dict(good, problem_id=7, problem_type=problem_type, answer=answer, options=options)
+  path = tmp_path / "one.jsonl"
+  path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+  Image.fromarray(IMAGES["imgs/red.png"]).save(tmp_path / "a.png")
+  return str(path)
+
+
+@pytest.mark.parametrize("problem_type, answer, options, reason", [
+    ("OCR", "<answer></answer>", [], r"expected a non-empty ocr answer"),
+    ("math", "<answer>  </answer>", [], r"expected a non-empty math answer"),
+    ("open-ended", "<answer>?!</answer>", [], r"expected at least one word"),
+    ("multiple choice", "<answer>E</answer>", ["A. x", "B. y"], r"option letter \(A, B\), got 'E'"),
+    ("numerical", "<answer>three</answer>", [], r"expected a finite number, got 'three'"),
+    ("regression", "<answer>nan</answer>", [], r"expected a finite number"),
+    ("spatial grounding", '<answer>{"boxes": [9, 9, 1, 1]}</answer>', [], r"x2 > x1 and y2 > y1"),
+])
+def test_unusable_ground_truth_is_rejected_or_skipped(tmp_path, problem_type, answer, options,
+                                                      reason):
+  path = _two_records(tmp_path, problem_type, answer, options)
+  with pytest.raises(ValueError, match=r"^record one\.jsonl:3 \(problem_id 7\): field 'answer': .*"
+                     + reason + r".*\(set data\.skip_bad_records to skip such records\)$"):
+    json_source.JsonSource(path)
+  source = json_source.JsonSource(path, skip_bad_records=True)
+  assert len(source) == 1 and source[0].uid == "1"
+  assert source.num_skipped == 1 and source.skipped[0][0] == "one.jsonl:3 (problem_id 7)"
+  assert re.search(reason, source.skipped[0][1])
+
+
+# ---------------------------------------------------------------------- data-file errors
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.json"])
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path, name):
+  good = json.dumps({"problem": "x"}).encode()
+  bad = '{"problem": "ü'.encode() + b"\xff" + b'"}'  # column counts characters: ü is one
+  if name.endswith(".jsonl"):
+    body = good + b"\n\n" + bad
+  else:
+    body = b"[\n" + good + b",\n" + bad + b"]"
+  (tmp_path / name).write_bytes(body)
+  with pytest.raises(ValueError, match=r"^" + re.escape(name) + r":3: not valid UTF-8 \(byte 0xff "
+                     r"at column 15\)$"):
+    json_source.JsonSource(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("name, body, pattern", [
+    ("x.jsonl", b"", r"x\.jsonl: no records \(the file is empty\)"),
+    ("x.json", b" \n\t", r"x\.json: no records \(the file is empty\)"),
+    ("x.json", b"[]", r"x\.json: no records \(the file holds an empty list\)"),
+    ("x.jsonl", b"\n\n  \n", r"x\.jsonl: no records \(the file is empty\)"),
+    ("x.jsonl", b"\xef\xbb\xbf", r"x\.jsonl: no records \(the file is empty\)"),
+    ("x.json", b"[1,\n2,\n", r"x\.json:3: not valid JSON"),
+])
+def test_files_without_records_say_so(tmp_path, name, body, pattern):
+  (tmp_path / name).write_bytes(body)
+  with pytest.raises(ValueError, match="^" + pattern):
+    json_source.JsonSource(str(tmp_path / name))
+
+
+def test_a_byte_order_mark_is_allowed(tmp_path):
+  path = _one_record(tmp_path)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(b"\xef\xbb\xbf" + data)
+  assert json_source.JsonSource(path)[0].uid == "9"
+
+
+# ---------------------------------------------------------------------- undecodable images
+
+
+def _png(pixels):
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="PNG")
+  return out.getvalue()
+
+
+def _huge_header():
+  """A PNG header claiming 12000 x 12000 pixels over a few bytes of data."""
+  png = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))
+  png[16:24] = struct.pack(">II", 12_000, 12_000)
+  png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+  return bytes(png)
+
+
+BAD_IMAGES = {
+    "random bytes": (np.random.default_rng(0).bytes(300), r"not an image file PIL can identify"),
+    "empty file": (b"", r"the file is empty"),
+    "truncated": (_png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))[:5000],
+                  r"truncated"),
+    "bomb": (_huge_header(), r"12000x12000 = 144000000 pixels, more than "
+             r"data\.max_image_pixels = 100000000"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_undecodable_image_is_a_fault_of_its_record(tmp_path, kind):
+  data, reason = BAD_IMAGES[kind]
+  path = _one_record(tmp_path)
+  (tmp_path / "a.png").write_bytes(data)
+  source = json_source.JsonSource(path)  # the start-up check only sees that the file exists
+  with pytest.raises(ValueError) as e:
+    source[0]
+  assert re.fullmatch(r"record one\.json\[0\] \(problem_id 9\): cannot read image "
+                      + re.escape(str(tmp_path / "a.png")) + ": .*" + reason + ".*", str(e.value))
+  assert "\n" not in str(e.value)
+  bad = json_source.JsonSource(path, skip_bad_records=True)[0]
+  assert isinstance(bad, json_source.BadRecord)
+  assert (bad.reason, bad.uid, bad.message) == ("bad_image", "9", str(e.value))
+
+
+def test_max_image_pixels_is_the_configured_limit(tmp_path):
+  path = _one_record(tmp_path)  # an 8 x 6 image
+  assert json_source.JsonSource(path, max_image_pixels=48)[0].images[0].shape == (8, 6, 3)
+  with pytest.raises(ValueError, match=r"problem_id 9.*a\.png: 6x8 = 48 pixels, more than "
+                     r"data\.max_image_pixels = 47$"):
+    json_source.JsonSource(path, max_image_pixels=47)[0]
+  with pytest.raises(ValueError, match=r"data\.max_image_pixels: expected a positive int"):
+    json_source.JsonSource(path, max_image_pixels=0)
+
+
+def test_a_16_bit_png_reads_as_its_levels(tmp_path):
+  path = _one_record(tmp_path)
+  levels = np.array([[0, 257, 32896, 65535]], np.uint16)
+  Image.fromarray(levels).save(tmp_path / "a.png")
+  assert json_source.JsonSource(path)[0].images[0][..., 0].tolist() == [[0, 1, 128, 255]]

@@ -3,7 +3,9 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import shutil
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -222,7 +224,62 @@ def test_json_source_through_the_rl_pipeline(tok, tmp_path):
     ({"prompt_buckets": (64, 32)}, r"data\.prompt_buckets: expected increasing"),
     ({"split": "test"}, r"data\.split: got 'test'"),
     ({"worker_count": -1}, r"data\.worker_count"),
+    ({"max_image_pixels": 0}, r"data\.max_image_pixels: expected a positive int"),
+    ({"max_image_pixels": 2**40}, r"data\.max_image_pixels: expected at most"),
 ])
 def test_config_errors_name_the_field(changes, pattern):
   with pytest.raises(ValueError, match=pattern):
     pipeline.DataConfig(**changes)
+
+
+def _json_run(tmp_path, n=400, bad=(37, 111, 250, 399)):
+  """data.jsonl of n records, one 4 x 4 image each; the images of `bad` (1%) do not decode."""
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+  Image.fromarray(noise).save(tmp_path / "noise.png")
+  png = (tmp_path / "noise.png").read_bytes()
+  huge = bytearray(png)  # its header claiming 12000 x 12000 pixels
+  huge[16:24] = (12_000).to_bytes(4, "big") * 2
+  huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
+  broken = [np.random.default_rng(1).bytes(200), b"", png[:len(png) // 2], bytes(huge)]
+  records = []
+  for k in range(n):
+    name = f"imgs/{k}.png"
+    os.makedirs(tmp_path / "imgs", exist_ok=True)
+    if k in bad:
+      (tmp_path / name).write_bytes(broken[bad.index(k) % len(broken)])
+    else:
+      Image.fromarray(np.full((4, 4, 3), k % 256, np.uint8)).save(tmp_path / name)
+    records.append({"problem_id": k, "problem": "<image> How many?", "problem_type": "numerical",
+                    "task_type": "chart_figure_qa", "answer": f"<answer>{k}</answer>",
+                    "images": [name], "reasoning": f"<thinking>x</thinking><answer>{k}</answer>"})
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in records))
+  return str(path), {str(k) for k in bad}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("make", [pipeline.sft_dataset, pipeline.rl_dataset])
+def test_undecodable_images_are_dropped_and_counted(tok, tmp_path, make):
+  path, bad = _json_run(tmp_path)
+  config = pipeline.DataConfig(source="json", path=path, batch_size=25, seq_len=96,
+                               num_image_tokens=4, skip_bad_records=True)
+  # One mixture block (1000 records) holds the first two epochs whole: each bad record twice.
+  batches = _take(iter(make(config, tok, shard_index=0, shard_count=1)), 40)
+  drops = sum(int(b["num_dropped"]) for b in batches)
+  assert drops >= 2 * len(bad)
+  # The records read, in stream order, from the same seeded mixture: the bad ones among them.
+  stream, _ = sources.mixed_dataset(pipeline.make_source(config).by_task(), None, config.seed)
+  assert drops == sum(stream[i].uid in bad for i in range(40 * 25 + drops))
+  if make is pipeline.rl_dataset:
+    seen = {u for b in batches for u in b["uid"]}
+    assert not seen & bad and len(seen) == 400 - len(bad)
+
+
+def test_an_undecodable_image_without_skipping_is_one_line_naming_record_and_file(tok, tmp_path):
+  path, _ = _json_run(tmp_path, n=20, bad=(5,))
+  config = pipeline.DataConfig(source="json", path=path, batch_size=4, num_image_tokens=4)
+  it = iter(pipeline.rl_dataset(config, tok, shard_index=0, shard_count=1))
+  with pytest.raises(ValueError) as e:
+    _take(it, 10)
+  assert re.fullmatch(r"record data\.jsonl:6 \(problem_id 5\): cannot read image "
+                      r"\S+/imgs/5\.png: not an image file PIL can identify", str(e.value))

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from scipy.special import ndtri
 
+import advantage_reference
+from advantage_reference import (per_segment as ref_segments, ref_drgrpo, ref_grpo, ref_q,
+                                 ref_rloo)
 from openvlthinker.rl import advantages as adv
 
 B_PAD = 512  # every random batch is padded with invalid rows to this size: one compile per fn
@@ -20,54 +23,9 @@ qmap = jax.jit(adv.gaussian_quantile_map)
 # ------------------------------------------------------------------ independent numpy references
 
 
-def ref_q(x):
-  """Q of REFERENCE §3 over one segment: sort, Φ⁻¹((k - 0.5)/N), average over exact ties."""
-  x = np.asarray(x, np.float64)
-  n = len(x)
-  if n <= 1:
-    return np.zeros(n)
-  order = np.argsort(x, kind="stable")
-  xs = x[order]
-  q = ndtri((np.arange(1, n + 1) - 0.5) / n)
-  out = np.empty(n)
-  i = 0
-  while i < n:
-    j = i
-    while j + 1 < n and xs[j + 1] == xs[i]:
-      j += 1
-    out[order[i:j + 1]] = q[i:j + 1].mean()
-    i = j + 1
-  return out
-
-
-def ref_segments(fn, values, ids, valid):
-  out = np.zeros(len(values))
-  for s in np.unique(ids[valid]):
-    idx = np.flatnonzero(valid & (ids == s))
-    out[idx] = fn(values[idx])
-  return out
-
-
 def ref_g2rpo(rewards, groups, tasks, valid):
-  stage1 = ref_segments(ref_q, rewards, groups, valid)
-  # Ties are ties in exact arithmetic: float64 noise (1e-17 on a sum that is exactly 0) is
-  # rounded away; distinct stage-1 values are ≥ 4e-6 apart (test_stage1_tie_classes_are_exact).
-  stage1 = np.round(stage1, 12)
-  return ref_segments(ref_q, stage1, tasks, valid)
-
-
-def ref_grpo(x):
-  return np.zeros(len(x)) if len(x) < 2 else (x - x.mean()) / (x.std(ddof=1) + 1e-6)
-
-
-def ref_drgrpo(x):
-  return x - x.mean()
-
-
-def ref_rloo(x):
-  if len(x) < 2:
-    return np.zeros(len(x))
-  return np.array([x[i] - np.delete(x, i).mean() for i in range(len(x))])
+  # Distinct stage-1 values are ≥ 4e-6 apart (test_stage1_tie_classes_are_exact): round at 1e-12.
+  return advantage_reference.ref_g2rpo(rewards, groups, tasks, valid, decimals=12)
 
 
 # ------------------------------------------------------------------------------- random batches

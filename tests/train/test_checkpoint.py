@@ -1,14 +1,21 @@
-"""Checkpoints: exact round trip, fallback past a damaged newest step, a clear error otherwise."""
+"""Checkpoints: exact round trip; a damaged newest step moved aside (not deleted) and the previous
+one restored, quietly; a checkpoint of another config named as such and left alone; a clear error
+when nothing is readable; parameters of a chosen step."""
+import asyncio
+import gc
 import glob
 import os
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from openvlthinker.train.checkpoint import CheckpointError, Checkpointer
-from openvlthinker.train.loop import flatten_state, unflatten_state
+from openvlthinker.train.loop import StageCheckpoints, flatten_state, unflatten_state
 
 
 def _tree(scale):
@@ -16,12 +23,16 @@ def _tree(scale):
           "step": jnp.int32(scale)}
 
 
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
 def _truncate_largest_file(step_dir):
   files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True)
            if os.path.isfile(f) and "/d/" in f]
   largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 2)
+  _truncate(largest)
   return largest
 
 
@@ -33,23 +44,165 @@ def test_round_trip_is_exact(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state, _tree(3))
 
 
-def test_truncated_newest_falls_back_to_previous_with_warning(tmp_path, capsys):
+def test_damaged_newest_is_moved_aside_and_its_step_saved_again(tmp_path, capsys):
   ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
   ckpt.save(1, _tree(1), {"k": 1})
   ckpt.save(2, _tree(2), {"k": 2})
+  os.makedirs(tmp_path / "2.damaged")  # An earlier casualty: the name is taken.
   _truncate_largest_file(os.path.join(str(tmp_path), "2"))
   step, state, meta = ckpt.restore_latest(_tree(0))
   assert step == 1 and meta == {"k": 1}
   jax.tree.map(np.testing.assert_array_equal, state, _tree(1))
-  assert f"checkpoint {tmp_path}/2 is unreadable" in capsys.readouterr().out
+  err = capsys.readouterr().err
+  assert f"checkpoint {tmp_path}/2 is unreadable" in err
+  assert f"moved it to {tmp_path}/2.damaged.1" in err and len(err.strip().splitlines()) == 1
+  assert os.path.isdir(tmp_path / "2.damaged.1" / "state") and ckpt.steps() == [1]
+  ckpt.save(2, _tree(3), {"k": 3})  # The run reaches step 2 again: no StepAlreadyExistsError.
+  step, state, meta = Checkpointer(str(tmp_path)).restore_latest(_tree(0))
+  assert step == 2 and meta == {"k": 3}
+  jax.tree.map(np.testing.assert_array_equal, state, _tree(3))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda step_dir: _truncate(os.path.join(step_dir, "state", "_METADATA")),
+    lambda step_dir: os.remove(os.path.join(step_dir, "state", "manifest.ocdbt")),
+    lambda step_dir: open(os.path.join(step_dir, "meta", "metadata"), "w").write("{"),
+], ids=["tree_metadata_truncated", "array_manifest_gone", "meta_json_broken"])
+def test_each_kind_of_damage_falls_back(tmp_path, damage):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, _tree(1), {"k": 1})
+  ckpt.save(2, _tree(2), {"k": 2})
+  damage(str(tmp_path / "2"))
+  assert Checkpointer(str(tmp_path)).restore_latest(_tree(0))[0] == 1
+  assert sorted(os.listdir(tmp_path)) == ["1", "2.damaged"]
+
+
+def test_a_failure_that_is_not_damage_moves_nothing(tmp_path, monkeypatch):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, _tree(1), {})
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory allocating 1.0G")
+  monkeypatch.setattr(ckpt._manager, "restore", out_of_memory)  # pylint: disable=protected-access
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    ckpt.restore_latest(_tree(0))
+  assert os.listdir(tmp_path) == ["1"]
 
 
 def test_no_readable_checkpoint_is_an_error_naming_it(tmp_path):
   ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
   ckpt.save(5, _tree(5), {})
   _truncate_largest_file(os.path.join(str(tmp_path), "5"))
-  with pytest.raises(CheckpointError, match=f"{tmp_path}/5"):
+  with pytest.raises(CheckpointError, match=f"{tmp_path}/5 .*moved to {tmp_path}/5.damaged"):
     ckpt.restore_latest(_tree(0))
+  assert os.path.isdir(tmp_path / "5.damaged") and ckpt.restore_latest(_tree(0)) is None
+
+
+def _other(tree, change):
+  tree = dict(tree)
+  if change == "shape":
+    tree["w"] = jnp.zeros(2048)
+  elif change == "dtype":
+    tree["b"] = tree["b"].astype(jnp.float32)
+  elif change == "extra":
+    del tree["b"]
+  else:
+    tree["new"] = jnp.zeros(3)
+  return tree
+
+
+@pytest.mark.parametrize("change,expected", [
+    ("shape", "1 leaf differs, e.g. w: checkpoint float32[4096], config float32[2048]"),
+    ("dtype", "1 leaf differs, e.g. b: checkpoint int32[64,64], config float32[64,64]"),
+    ("extra", "1 leaf differs; extra in checkpoint: b"),
+    ("missing", "1 leaf differs; missing in checkpoint: new")])
+def test_a_checkpoint_of_another_config_is_named_and_left_alone(tmp_path, change, expected):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, _tree(1), {})
+  ckpt.save(2, _tree(2), {})
+  with pytest.raises(CheckpointError) as e:
+    ckpt.restore_latest(_other(_tree(0), change))
+  assert str(e.value).startswith(f"checkpoint {tmp_path}/2 does not match the config: {expected}")
+  assert "\n" not in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"] and ckpt.steps() == [1, 2]
+
+
+def _stage_state(scale):  # The kernel is the largest file (the one damaged).
+  return {"params": {"dense": {"kernel": jax.random.normal(jax.random.key(0), (64, 64)) * scale}},
+          "opt": {"mu": jnp.zeros((64, 64))}, "step": jnp.int32(scale)}
+
+
+def test_restore_params_of_a_chosen_step_or_the_newest_readable(tmp_path):
+  ckpts = StageCheckpoints(str(tmp_path), "sft", keep=None)
+  for step in (2, 4, 6):
+    ckpts.save(step, _stage_state(step), {})
+  template = _stage_state(0)["params"]
+  assert ckpts.steps() == [2, 4, 6]
+  step, params = ckpts.restore_params(template, step=4)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, params, _stage_state(4)["params"])
+  step, params = StageCheckpoints.at(str(tmp_path / "sft" / "checkpoints")).restore_params(template)
+  assert step == 6  # Read by another run (`model.init`), whose manager never saved.
+  jax.tree.map(np.testing.assert_array_equal, params, _stage_state(6)["params"])
+  with pytest.raises(CheckpointError, match=r"no step 5 in .*; its steps: 2, 4, 6"):
+    ckpts.restore_params(template, step=5)
+  with pytest.raises(CheckpointError, match=r"does not match the config: 1 leaf differs, e.g. "
+                     r"params.dense.kernel: checkpoint float32\[64,64\], config float32\[4,4\]"):
+    ckpts.restore_params({"dense": {"kernel": jnp.zeros((4, 4))}})
+  step, params = ckpts.restore_params({"dense": {"kernel": jnp.zeros((64, 64), jnp.bfloat16)}})
+  assert step == 6 and params["dense"]["kernel"].dtype == jnp.bfloat16  # A dtype is cast.
+  _truncate_largest_file(str(tmp_path / "sft" / "checkpoints" / "6"))
+  step, params = ckpts.restore_params(template)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, params, _stage_state(4)["params"])
+  assert ckpts.steps() == [2, 4] and os.path.isdir(tmp_path / "sft" / "checkpoints" / "6.damaged")
+  _truncate_largest_file(str(tmp_path / "sft" / "checkpoints" / "4"))
+  with pytest.raises(CheckpointError, match=r"checkpoints/4 is unreadable \(ValueError: "):
+    ckpts.restore_params(template, step=4)  # The step asked for, or an error: no fallback.
+  assert ckpts.steps() == [2, 4]
+
+
+def _reads_finishing_after_their_loop_closed():
+  """What orbax's abandoned reads do after a failed restore, made certain: a coroutine awaits a
+  tensorstore read on a loop that is then closed, and the read completes later, so tensorstore's
+  callback meets the closed loop ("RuntimeError: Event loop is closed"); another read's error is
+  left in a future no one awaits any more (asyncio: "Future exception was never retrieved")."""
+  promise, read = ts.Promise.new()
+  loop = asyncio.new_event_loop()
+  async def restore():
+    return await read
+  task = loop.create_task(restore())
+  task._log_destroy_pending = False  # pylint: disable=protected-access
+  loop.run_until_complete(asyncio.sleep(0.01))
+  failed = loop.create_future()
+  failed.set_exception(ValueError('OUT_OF_RANGE: Error reading "w/0" in OCDBT database at local '
+                                  'file "/x/2/state/": Requested byte range [0, 10) is not valid'))
+  loop.close()
+  promise.set_result(0)
+  del failed
+
+
+def test_a_failed_restore_prints_no_event_loop_noise(tmp_path, capfd, caplog, monkeypatch):
+  # What a user's process does with unraisable exceptions (pytest's own hook turns them into
+  # warnings): print them to stderr.
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  mesh = jax.make_mesh((8,), ("x",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  def tree(scale):  # Many sharded reads in flight when one of them fails.
+    return {f"l{i}": jax.device_put(jax.random.normal(jax.random.key(i), (64, 256)) * scale,
+                                    sharding) for i in range(50)}
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
+  ckpt.save(1, tree(1.0), {})
+  ckpt.save(2, tree(2.0), {})
+  _truncate_largest_file(os.path.join(str(tmp_path), "2"))
+  assert ckpt.restore_latest(tree(0.0))[0] == 1
+  _reads_finishing_after_their_loop_closed()  # Whether or not the real ones were late.
+  for _ in range(3):  # The abandoned reads finish on tensorstore's threads, later.
+    time.sleep(0.2)
+    gc.collect()
+  out, err = capfd.readouterr()
+  for noise in ("Event loop is closed", "Exception ignored", "never retrieved"):
+    assert noise not in err and noise not in out and noise not in caplog.text, err[:2000]
+  assert len(err.strip().splitlines()) == 1 and "is unreadable" in err
 
 
 def test_empty_directory_restores_nothing(tmp_path):

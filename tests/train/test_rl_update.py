@@ -85,10 +85,11 @@ def test_micro_batches_accumulate_to_the_full_batch(setup):
   tx = optax.sgd(1.0)
   results = []
   for num_micro in (1, P):
-    update = rl.make_update(graphdef, tx, sampler_config=SamplerConfig(max_new_tokens=LR),
+    state, shardings = create_train_state(jax.tree.map(jnp.copy, params), tx, sharder)
+    update = rl.make_update(graphdef, tx, state_shardings=shardings,
+                            sampler_config=SamplerConfig(max_new_tokens=LR),
                             loss_config=losses.PolicyLossConfig(), num_micro=num_micro,
                             entropy=None, group_size=G)
-    state, _ = create_train_state(jax.tree.map(jnp.copy, params), tx, sharder)
     state, metrics = update(state, mb)
     results.append((state, metrics))
   (s1, m1), (s3, m3) = results

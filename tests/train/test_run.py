@@ -1,9 +1,11 @@
 """The trainer end to end through its entry point, on the 8 fake devices the suite uses, with the
 default mesh (fsdp over all 8) and with fsdp=4 × tensor=2.
 
-- Interrupted as a pod would be: SIGTERM mid-SFT (saves, exits 0), rerun; SIGKILL mid-SFT, rerun;
-  SIGTERM mid-RL, rerun; SIGKILL mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal
+- Interrupted as a pod (or a user) would: SIGTERM mid-SFT (saves, exits 0), rerun; SIGKILL
+  mid-SFT, rerun (its stale workdir lock taken over); Ctrl-C (SIGINT) mid-RL, rerun; SIGKILL
+  mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal
   an uninterrupted run's (timings aside).
+- `--mode=eval` afterwards scores the RL checkpoint (its parameter norm is the RL state's).
 - The checkpoints it wrote restore onto the mesh with the rule table's shardings, and a new run
   started from its SFT checkpoint (`model.init`) evaluates those weights as the run did.
 - A NaN injected into one optimizer step is skipped and counted; training goes on, finite.
@@ -91,8 +93,11 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
   assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
   kill = interrupt_when(env, cut, overrides, "sft/checkpoints/3", signal.SIGKILL)
   assert kill.returncode == -signal.SIGKILL and not steps_of(cut, "rl")
-  term = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGTERM)
-  assert term.returncode == 0 and "SIGTERM: saved the rl checkpoint" in term.stderr, term.stderr
+  # Ctrl-C saves too. The SIGKILL left the workdir lock behind: it is taken over.
+  sigint = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGINT)
+  assert sigint.returncode == 0, sigint.stderr
+  assert "SIGINT: saved the rl checkpoint" in sigint.stderr, sigint.stderr
+  assert "taking over the lock of pid" in sigint.stderr
   assert max(steps_of(cut, "rl")) < 4
   kill = interrupt_when(env, cut, overrides, "rl/checkpoints/3", signal.SIGKILL)
   assert kill.returncode == -signal.SIGKILL
@@ -107,7 +112,16 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
   with open(os.path.join(cut, "eval_table.md")) as f, \
        open(os.path.join(straight, "eval_table.md")) as g:
     assert f.read() == g.read()
-  check_checkpoint_shardings(cut, overrides)
+  rl_param_norm = check_checkpoint_shardings(cut, overrides)
+
+  # `--mode=eval` after RL scores the RL checkpoint: its parameters and its after-RL evaluation.
+  proc = run(env, cut, *overrides, "--mode=eval")
+  assert f"eval: scoring rl step 4 ({os.path.join(cut, 'rl', 'checkpoints', '4')})" in proc.stdout
+  with open(os.path.join(cut, "eval", "rl_4.json")) as f, \
+       open(os.path.join(cut, "eval_summary.json")) as g:
+    evaluated, summary = json.load(f), json.load(g)
+  assert evaluated["weights"]["param_norm"] == pytest.approx(rl_param_norm, rel=1e-6)
+  assert evaluated["results"]["overall"] == summary["after_rl"]["overall"]
 
   # Another run starting from this one's SFT weights (`model.init`) evaluates them as they are.
   init = str(tmp_path / "init")
@@ -118,7 +132,9 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
 
 def check_checkpoint_shardings(workdir, overrides):
   """Restores the run's newest SFT and RL checkpoints in this process (8 devices) with the run's
-  mesh, and checks every leaf against the rule table."""
+  mesh, checks every leaf against the rule table; returns the RL parameters' norm."""
+  import jax
+  import numpy as np
   from configs import test as test_config
   from openvlthinker.train import loop
   from openvlthinker.train.context import build_context
@@ -143,6 +159,9 @@ def check_checkpoint_shardings(workdir, overrides):
     step, state, _ = loop.StageCheckpoints(workdir, name, 2).restore(template)
     assert step == 4 and int(state.step) == 4 * (1 if name == "sft" else 2)
     assert_rule_table_shardings(state, ctx.sharder)
+  # In numpy (float64): an independent sum, and jax's eager ops mix up the meshes of two tests.
+  return math.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                       for x in jax.tree.leaves(state.params)))  # the RL state's
 
 
 def assert_rule_table_shardings(state, sharder):

@@ -1,0 +1,104 @@
+"""The update rule every stage shares (`state.apply_gradients`, `state.make_optimizer`) against a
+float64 numpy AdamW: a non-finite step leaves parameters and optimizer state bit for bit as they
+were (and later steps as if it never happened); warmup scales the first updates linearly."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openvlthinker.train.state import TrainState, apply_gradients, make_optimizer
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+def params0():
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal(4), jnp.float32)}
+
+
+def grads_at(t):
+  rng = np.random.default_rng(100 + t)
+  return {"w": jnp.asarray(rng.standard_normal((3, 4)) * (1 + t), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal(4) * (1 + t), jnp.float32)}
+
+
+def numpy_adamw(params, grad_seq, lr_at, weight_decay, grad_clip):
+  """Parameters after each step: clip by global norm, Adam with bias correction, decoupled decay
+  on matrices only, all scaled by the step's learning rate."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  out = []
+  for count, g in enumerate(grad_seq):
+    g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+    norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+    if grad_clip and norm > grad_clip:
+      g = {k: x * grad_clip / norm for k, x in g.items()}
+    lr = lr_at(count)
+    for k in p:
+      m[k] = B1 * m[k] + (1 - B1) * g[k]
+      v[k] = B2 * v[k] + (1 - B2) * g[k] ** 2
+      mhat, vhat = m[k] / (1 - B1 ** (count + 1)), v[k] / (1 - B2 ** (count + 1))
+      decay = weight_decay * p[k] if p[k].ndim >= 2 else 0.0
+      p[k] = p[k] - lr * (mhat / (np.sqrt(vhat) + EPS) + decay)
+    out.append({k: x.copy() for k, x in p.items()})
+  return out
+
+
+def fresh_state(tx):
+  params = params0()
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def bits(tree):
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_step_leaves_params_and_optimizer_state_untouched(bad):
+  tx = make_optimizer(1e-2, weight_decay=0.1, grad_clip=1.0)
+  step = jax.jit(lambda s, g: apply_gradients(s, g, tx))
+  state, _ = step(fresh_state(tx), grads_at(0))  # moments are non-zero from here on
+  before = jax.device_get(state)
+  poisoned = grads_at(1)
+  poisoned["b"] = poisoned["b"].at[2].set(bad)
+  state, metrics = step(state, poisoned)
+  assert bits(state.params) == bits(before.params)
+  assert bits(state.opt_state) == bits(before.opt_state)
+  assert int(state.step) == 2 and int(state.skipped) == 1
+  assert metrics["skipped_step"] == 1.0 and not np.isfinite(metrics["grad_norm"])
+  # The next finite step continues as if the skipped one never happened.
+  state, metrics = step(state, grads_at(2))
+  assert int(state.step) == 3 and int(state.skipped) == 1 and metrics["skipped_step"] == 0.0
+  want = numpy_adamw(params0(), [grads_at(0), grads_at(2)], lambda c: 1e-2, 0.1, 1.0)[-1]
+  for k in want:
+    np.testing.assert_allclose(state.params[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay, grad_clip", [(0.0, 0.0), (0.1, 1.0)])
+def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
+  lr, k, steps = 0.05, 4, 7
+  tx = make_optimizer(lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=k)
+  step = jax.jit(lambda s, g: apply_gradients(s, g, tx))
+  grad_seq = [grads_at(t) for t in range(steps)]
+  # optax's convention: the t-th update (from 0) uses the schedule at t, so update 0 is zero.
+  want = numpy_adamw(params0(), grad_seq, lambda c: lr * min(c / k, 1.0), weight_decay, grad_clip)
+  state = fresh_state(tx)
+  previous = params0()
+  for t in range(steps):
+    state, _ = step(state, grad_seq[t])
+    for name in want[t]:
+      np.testing.assert_allclose(state.params[name], want[t][name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"step {t} {name}")
+    moved = max(np.abs(np.asarray(state.params[n]) - np.asarray(previous[n])).max()
+                for n in previous)
+    if t == 0:
+      assert moved == 0.0
+    else:
+      assert moved > 0.1 * lr * min(t / k, 1.0)
+    previous = jax.device_get(state.params)
+  # The test has teeth: without warmup the first update alone moves every parameter.
+  no_warmup = numpy_adamw(params0(), grad_seq[:1], lambda c: lr, weight_decay, grad_clip)[0]
+  assert np.abs(no_warmup["b"] - np.asarray(params0()["b"])).min() > 0.5 * lr

@@ -1,0 +1,56 @@
+"""The workdir lock: held while a run is in the block, refused while its owner lives, taken over
+when it is gone, never silently shared with another host."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from openvlthinker.errors import RunError
+from openvlthinker.train.workdir_lock import WorkdirLock
+
+
+def write_lock(workdir, **owner):
+  with open(os.path.join(workdir, ".lock"), "w") as f:
+    json.dump({"started": "earlier", **owner}, f)
+
+
+def test_held_in_the_block_and_released_after(tmp_path):
+  with WorkdirLock(str(tmp_path), enabled=True):
+    with open(tmp_path / ".lock") as f:
+      owner = json.load(f)
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    code = ("from openvlthinker.train.workdir_lock import WorkdirLock as L; "
+            f"L({str(tmp_path)!r}, enabled=True).acquire()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"is in use by pid {os.getpid()} on this host" in proc.stderr, proc.stderr
+  assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_lock_of_a_live_process_refuses(tmp_path):
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    write_lock(str(tmp_path), host=socket.gethostname(), pid=sleeper.pid)
+    with pytest.raises(RunError, match=f"in use by pid {sleeper.pid} on this host"):
+      WorkdirLock(str(tmp_path), enabled=True).acquire()
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  # Now its owner is gone: the lock is stale and taken over.
+  with WorkdirLock(str(tmp_path), enabled=True):
+    with open(tmp_path / ".lock") as f:
+      assert json.load(f)["pid"] == os.getpid()
+
+
+def test_lock_of_another_host_refuses_and_says_how_to_clear_it(tmp_path):
+  write_lock(str(tmp_path), host="some-other-host", pid=1)
+  with pytest.raises(RunError, match="host some-other-host.*delete .*\\.lock if no run uses it"):
+    WorkdirLock(str(tmp_path), enabled=True).acquire()
+
+
+def test_disabled_lock_touches_nothing(tmp_path):
+  with WorkdirLock(str(tmp_path), enabled=False):
+    assert not os.path.exists(tmp_path / ".lock")
