@@ -23,7 +23,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5", "scipy>=1.11"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5", "scipy>=1.11",
+             "pytest-cov>=7", "coverage>=7.10"],  # 7.10: `patch = subprocess` (.coveragerc)
+    "mutate": ["mutmut>=3.8"],
     # torch is pinned to the CPU wheel that ships with the machine image; a looser pin pulls CUDA.
     "hf": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "tokenizers>=0.20"],
 }

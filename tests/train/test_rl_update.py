@@ -67,14 +67,15 @@ def setup():
 def test_shared_prompt_forward_equals_per_row_forward(setup):
   graphdef, params, mb, _ = setup
   cfg = SamplerConfig(max_new_tokens=LR)
-  per_row = rl.policy_logprobs(params, graphdef, mb, cfg, group_size=1)
-  shared = rl.policy_logprobs(params, graphdef, mb, cfg, group_size=G)
+  # Jitted: op by op, each of the forward's hundreds of ops would dispatch over 8 devices.
+  logprobs = jax.jit(lambda p, g: rl.policy_logprobs(p, graphdef, mb, cfg, g), static_argnums=1)
+  per_row, shared = logprobs(params, 1), logprobs(params, G)
   for a, b in zip(per_row, shared):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=0)
   weights = np.random.default_rng(1).standard_normal(mb.tokens.shape).astype(np.float32)
   objective = lambda p, g: jnp.sum(rl.policy_logprobs(p, graphdef, mb, cfg, g)[0] * weights)
-  want = jax.grad(objective)(params, 1)
-  got = jax.grad(objective)(params, G)
+  grad = jax.jit(jax.grad(objective), static_argnums=1)
+  want, got = grad(params, 1), grad(params, G)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4,
                                                        rtol=1e-4), want, got)
 

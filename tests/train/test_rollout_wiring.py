@@ -305,6 +305,28 @@ def test_trim_keeps_every_response_token_and_aligned_sequences(lengths, width, k
     np.testing.assert_array_equal(getattr(t, name), getattr(full, name))
 
 
+@pytest.mark.parametrize("pad", [0, 1, 3])
+@pytest.mark.parametrize("rope_axes", [None, 3])
+def test_left_pad_prompts_by_any_width(pad, rope_axes):
+  b = synthetic_batch([2, 5], 8)
+  if rope_axes:  # positions with a trailing axis per rotary section (M-RoPE models)
+    b = b.replace(sequence_positions=np.stack([b.sequence_positions] * rope_axes, axis=-1))
+  out = b.left_pad_prompts(b.response_start + pad)
+  assert out.response_start == b.response_start + pad
+  for name in ("sequence_tokens", "sequence_positions", "sequence_mask", "prefix_mask"):
+    got, want = getattr(out, name), getattr(b, name)
+    assert got.shape == (2, want.shape[1] + pad) + want.shape[2:], name
+    assert got.dtype == want.dtype, name
+    np.testing.assert_array_equal(got[:, pad:], want, err_msg=name)
+    np.testing.assert_array_equal(got[:, :pad], 0, err_msg=name)
+  np.testing.assert_array_equal(out.tokens, b.tokens)
+
+
+def test_trim_to_single_columns_when_nothing_was_generated():
+  t = synthetic_batch([0, 0], 8).trim(1)  # a bucket of one column: the narrowest update shape
+  assert t.tokens.shape == (2, 1) and t.sequence_tokens.shape == (2, t.response_start + 1)
+
+
 def test_rl_stage_advantages_with_fewer_rows_than_task_ids():
   script = [[MIXED]]
   one = {k: v if k == "num_dropped" else v[:1] for k, v in prompt_batch(1, False).items()}
