@@ -1,5 +1,8 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and parsed absl flags for grain."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), parsed absl flags for grain, and
+the environment of the entry-point tests (`cli_env`, one compilation cache for all of them)."""
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -8,3 +11,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+  """The environment of entry-point subprocesses: the suite's 8 devices (XLA_FLAGS above) and one
+  persistent compilation cache shared by every CLI test of the session, xdist workers included,
+  so a run reuses what any earlier run with the same shapes compiled."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the workers' base directories share this parent
+  cache = root / "jax_cache"
+  cache.mkdir(exist_ok=True)
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")

@@ -27,11 +27,8 @@ def test_bad_sweep_arg_names_the_key():
 
 
 @pytest.mark.slow
-def test_ablation_runner_on_test_config(tmp_path):
-  cache = str(tmp_path / "jax_cache")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,  # 8 devices
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def test_ablation_runner_on_test_config(tmp_path, cli_env):
+  env = cli_env  # 8 devices; the suite's shared compilation cache
   workdir = str(tmp_path / "sweep")
   proc = subprocess.run([sys.executable, "-m", "openvlthinker.sweep", f"--config={SPEC}",
                          f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,

@@ -47,10 +47,8 @@ def damage(step_dir):
 
 
 @pytest.mark.slow
-def test_a_damaged_or_mismatched_checkpoint_through_the_cli(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def test_a_damaged_or_mismatched_checkpoint_through_the_cli(tmp_path, cli_env):
+  env = cli_env
   assert "device_count=8" in os.environ["XLA_FLAGS"]
   workdir = str(tmp_path / "w")
   checkpoints = os.path.join(workdir, "sft", "checkpoints")

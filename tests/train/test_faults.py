@@ -14,11 +14,8 @@ FAST = ("--config.eval.num_per_task=1", "--config.eval.every=100")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def env(cli_env):
+  return cli_env  # one compilation cache for every CLI run of the suite
 
 
 def command(workdir, *overrides):

@@ -34,14 +34,9 @@ def command(workdir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  # XLA_FLAGS from conftest (8 devices) is inherited. One persistent compilation cache for every
-  # run here: later processes reuse the executables.
-  cache = str(tmp_path_factory.mktemp("jax_cache"))
-  assert "device_count=8" in os.environ["XLA_FLAGS"]
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+def env(cli_env):
+  assert "device_count=8" in cli_env["XLA_FLAGS"]
+  return cli_env  # one compilation cache for every CLI run of the suite
 
 
 def run(env, workdir, *overrides, timeout=600):
