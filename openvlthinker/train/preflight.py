@@ -16,9 +16,8 @@ from openvlthinker import eval as eval_lib
 from openvlthinker.data import pipeline, sources
 
 PROBE_RECORDS = 64
-def _probe(name: str, featurize, config: pipeline.DataConfig) -> None:
-  mixed, _ = sources.mixed_dataset(pipeline.make_source(config).by_task(), config.mixture,
-                                   config.seed)
+def _probe(name: str, featurize, config: pipeline.DataConfig, source) -> None:
+  mixed, _ = sources.mixed_dataset(source.by_task(), config.mixture, config.seed)
   items = [featurize(mixed[i]) for i in range(PROBE_RECORDS)]
   drops = collections.Counter(it.reason for it in items if isinstance(it, pipeline.Dropped))
   if not drops:
@@ -37,12 +36,14 @@ def _probe(name: str, featurize, config: pipeline.DataConfig) -> None:
 def check(ctx, mode: str) -> eval_lib.Evaluator | None:
   """Probes the data the stages of `mode` will read; returns the RL stage's evaluator."""
   c = ctx.config
+  sft_config = ctx.data_config(c.data.batch_size)
+  # One read of the data file for both probes (the stages differ only in batch size).
+  source = pipeline.make_source(sft_config)
   if mode in ("sft", "all") and c.sft.steps:
-    _probe("sft", pipeline.SftFeatures(ctx.data_config(c.data.batch_size), ctx.tokenizer),
-           ctx.data_config(c.data.batch_size))
+    _probe("sft", pipeline.SftFeatures(sft_config, ctx.tokenizer), sft_config, source)
   if mode in ("rl", "all"):
     config = ctx.data_config(c.rl.prompts_per_step)
     if c.rl.steps:
-      _probe("rl", pipeline.RlFeatures(config, ctx.tokenizer), config)
+      _probe("rl", pipeline.RlFeatures(config, ctx.tokenizer), config, source)
     return eval_lib.build_evaluator(ctx)
   return None
