@@ -46,7 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="vlm",                # the model family (models.registry)
       init="",                   # '' = random; or a stage's checkpoints dir of a run of this
-                                 # trainer (WORKDIR/sft/checkpoints): its newest parameters
+                                 # trainer (WORKDIR/sft/checkpoints): its newest parameters; or
+                                 # hf:DIR, a Hugging Face checkpoint (qwen2_5_vl, qwen3_vl)
+      hf_dir="",                 # qwen families: the HF directory whose architecture, tokenizer
+                                 # and image processing the model uses ('' = model.init's hf:DIR)
       vocab_size=1024, width=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
       mlp_dim=1024, rope_theta=10_000.0, tie_embeddings=True, dtype="float32",
       param_dtype="float32", remat=False, scan_layers=True, image_token_id=3, merge_patches=True,
@@ -116,16 +119,64 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+def pod_rl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's RL recipe at pod scale (REFERENCE §4), on `c`: no SFT, rollouts of 512 prompts
+  × 8 responses, 4 optimizer minibatches per rollout, AdamW 2e-6, no KL, dynamic filtering,
+  G²RPO by task type, 2048-token responses; JSON data in the public format."""
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.data.update(source="json", seq_len=4096, batch_size=256, prompt_buckets=(512, 1024, 2048),
+                max_images=4, worker_count=8)
+  c.sft.steps = 0
+  c.rl.update(steps=1000, prompts_per_step=512, group_size=8, updates_per_rollout=4,
+              micro_batch_size=256, learning_rate=2e-6, weight_decay=0.01)
+  c.rl.sampler.update(max_new_tokens=2048, temperature=1.0, top_p=1.0)
+  c.eval.update(every=50, num_per_task=256, batch_size=512, max_new_tokens=2048)
+  c.checkpoint.update(every=25, keep=3)
+  c.progress_bar = False
+  return c
+
+
+def cpu_tiny_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few CPU-sized SFT and RL steps (configs/test.py, the HF families' tiny presets): RL
+  rollouts of 4 prompts × 4, 16-token responses, no filtering, a checkpoint every step."""
+  # Few layers on a CPU: a loop over per-layer weights runs ~25% faster than the layer scan.
+  c.model.scan_layers = False
+  c.sft.warmup_steps = 0
+  c.rl.update(steps=3, prompts_per_step=4, group_size=4, updates_per_rollout=2,
+              micro_batch_size=4)
+  # Length-shaping thresholds for a 16-96 token budget (the tasks declare paper-scale ones).
+  c.rl.length.thresholds = {t: (8, 24, 72, 96) for t in c.rl.length.thresholds}
+  c.rl.sampler.max_new_tokens = 16
+  c.rl.filter.enabled = False
+  c.eval.update(every=2, num_per_task=2, batch_size=12, max_new_tokens=16)
+  c.checkpoint.update(every=1, keep=2)
+  c.progress_bar = False
+  return c
+
+
+def pretrained_family(c: ml_collections.ConfigDict, name: str, image_size: int
+                      ) -> ml_collections.ConfigDict:
+  """`c` set up for a Hugging Face family: the architecture comes from the checkpoint
+  (`--config.model.init=hf:DIR`), so the built-in model's shape fields are unused; images are
+  resized to image_size² (a multiple of patch × merge)."""
+  c.model.name = name
+  c.model.vision.image_size = image_size
+  return c
+
 # ------------------------------------------------------------ the dataclasses the sections build
 
 def build_loss(c) -> losses.PolicyLossConfig:
   return losses.PolicyLossConfig(**c.rl.loss, fixed_length=c.rl.sampler.max_new_tokens)
 
 
-def build_sampler(c, *, stop_tokens=(2,), pad_id: int = 0):
+def build_sampler(c, tokenizer=None):
+  """The RL sampler's config: settings from `rl.sampler`, token ids from the tokenizer (the
+  defaults when None: validation checks the settings alone)."""
+  from openvlthinker.data.tokenizer import sampler_ids  # pylint: disable=g-import-not-at-top
   from openvlthinker.sampler import SamplerConfig  # pylint: disable=g-import-not-at-top
-  return SamplerConfig(**c.rl.sampler, stop_tokens=tuple(stop_tokens), pad_id=pad_id,
-                       prompt_buckets=tuple(c.data.prompt_buckets))
+  ids = {} if tokenizer is None else sampler_ids(tokenizer)
+  return SamplerConfig(**c.rl.sampler, **ids, prompt_buckets=tuple(c.data.prompt_buckets))
 
 
 def build_entropy(c) -> shaping.EntropyShapingConfig:
@@ -187,8 +238,20 @@ def _mesh(c):
 def _model(c):
   from openvlthinker.models import registry  # pylint: disable=g-import-not-at-top
   _choice(c, "model.name", registry.families())
-  _check(not c.model.init or os.path.isdir(c.model.init), "model.init",
-         "'' (random weights) or an existing checkpoints directory", c.model.init)
+  from openvlthinker.models.hf import pretrained  # pylint: disable=g-import-not-at-top
+  hf = c.model.init.startswith(pretrained.HF_PREFIX)
+  _check(hf or not c.model.init or os.path.isdir(c.model.init), "model.init",
+         "'' (random weights), an existing checkpoints directory or hf:DIR", c.model.init)
+  if c.model.name in pretrained.FAMILIES:
+    directory, _ = pretrained.checkpoint_dir(c.model)
+    _check(os.path.isfile(os.path.join(directory, "config.json")),
+           "model.hf_dir" if c.model.hf_dir else "model.init",
+           f"a Hugging Face checkpoint directory (with a config.json) for {c.model.name}",
+           directory)
+  else:
+    _check(not hf and not c.model.hf_dir, "model.init" if hf else "model.hf_dir",
+           f"no Hugging Face checkpoint for model.name={c.model.name} (only for "
+           f"{', '.join(pretrained.FAMILIES)})", c.model.init if hf else c.model.hf_dir)
   if c.model.name == "vlm":
     from openvlthinker.models.build import vlm_config  # pylint: disable=g-import-not-at-top
     _built("model", lambda: vlm_config(c.model))

@@ -4,7 +4,9 @@ Prompt text: `<image>` and a newline per image before the question unless the qu
 carries `<image>` placeholders, then the question, then the options one per line (multiple
 choice), then a short fixed instruction for the problem type. Token sequences are `[bos] prompt`
 for RL and `[bos] prompt response [eos]` for SFT; each `<image>` id becomes `num_image_tokens`
-copies of itself.
+copies of itself. A checkpoint's tokenizer with a chat template (a Hugging Face family) gets
+the prompt as one user turn rendered by that template with the generation prompt (the images, in
+the order of their placeholders, between the text parts) and no bos; its eos ends the turn.
 """
 import numpy as np
 
@@ -49,11 +51,38 @@ def expand_image_tokens(ids, image_id: int, num_image_tokens: int) -> np.ndarray
   return np.repeat(ids, np.where(ids == image_id, num_image_tokens, 1))
 
 
+def chat_turn(text: str) -> list[dict]:
+  """One user message whose content is `text` split at its `<image>` placeholders into text
+  parts and images (the content-list form Qwen-VL chat templates read)."""
+  content = []
+  for k, part in enumerate(text.split(IMAGE)):
+    if k:
+      content.append({"type": "image"})
+    part = part.strip("\n") if k else part.rstrip("\n")
+    if part:
+      content.append({"type": "text", "text": part})
+  return [{"role": "user", "content": content}]
+
+
+def encode_text(text: str, tokenizer: tokenizer_lib.Tokenizer, num_image_tokens: int
+                ) -> np.ndarray:
+  """int32[Lp]: prompt `text` (`<image>` placeholders included) as model input: `[bos] text`,
+  or its chat-template rendering, with image placeholders expanded."""
+  template = getattr(tokenizer, "chat_template", None)
+  if template:
+    from openvlthinker.models.hf import chat_template  # pylint: disable=g-import-not-at-top
+    rendered = chat_template.render(template, chat_turn(text), add_generation_prompt=True,
+                                    **getattr(tokenizer, "special_tokens_map", {}))
+    ids = tokenizer.encode(rendered)
+  else:  # a checkpoint tokenizer may have no bos
+    ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(text)
+  return expand_image_tokens(ids, tokenizer.image_id, num_image_tokens)
+
+
 def encode_prompt(example: Example, tokenizer: tokenizer_lib.Tokenizer,
                   num_image_tokens: int) -> np.ndarray:
-  """int32[Lp]: `[bos] prompt` with image placeholders expanded."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt_text(example))
-  return expand_image_tokens(ids, tokenizer.image_id, num_image_tokens)
+  """int32[Lp]: the prompt of `example` as model input (`encode_text`)."""
+  return encode_text(prompt_text(example), tokenizer, num_image_tokens)
 
 
 def encode_sft(example: Example, tokenizer: tokenizer_lib.Tokenizer,

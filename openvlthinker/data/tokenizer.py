@@ -38,6 +38,12 @@ class Tokenizer(Protocol):
   answer_start_id: int
   answer_end_id: int
 
+  # Ids that end a response (the sampler's stop tokens; decode stops at the first); eos first.
+  stop_ids: tuple[int, ...]
+  # Ids a response must never contain: image (and other vision) placeholders, which the model's
+  # forward replaces by image features, so the update would score another token than was drawn.
+  placeholder_ids: tuple[int, ...]
+
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, with no bos/eos added."""
 
@@ -69,6 +75,7 @@ class SentencePieceTokenizer:
       ids.append(encoded[0])
     (self.image_id, self.thinking_start_id, self.thinking_end_id, self.answer_start_id,
      self.answer_end_id, self.newline_id) = ids
+    self.stop_ids, self.placeholder_ids = (EOS_ID,), (self.image_id,)
 
   @classmethod
   def from_file(cls, path: str) -> "SentencePieceTokenizer":
@@ -96,6 +103,12 @@ class SentencePieceTokenizer:
 
   def __reduce__(self):
     return (SentencePieceTokenizer, (self._proto,))
+
+
+def sampler_ids(tokenizer: Tokenizer) -> dict:
+  """The sampler's stop, banned and pad ids for `tokenizer` (`SamplerConfig` fields)."""
+  return dict(stop_tokens=tuple(tokenizer.stop_ids), banned_tokens=tuple(tokenizer.placeholder_ids),
+              pad_id=tokenizer.pad_id)
 
 
 def default_model_path():

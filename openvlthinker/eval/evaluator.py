@@ -11,6 +11,7 @@ import numpy as np
 
 from openvlthinker import taxonomy
 from openvlthinker.data import pipeline
+from openvlthinker.data import tokenizer as tokenizer_lib
 from openvlthinker.eval.sources import suite_heldout
 from openvlthinker.rl import scoring
 from openvlthinker.sampler import Sampler, SamplerConfig
@@ -39,8 +40,8 @@ class Evaluator:
                     for i in range(0, len(items), batch_size)]
     self.tokenizer = tokenizer
     self.sampler = Sampler(graphdef, SamplerConfig(
-        max_new_tokens=max_new_tokens, greedy=True, stop_tokens=(tokenizer.eos_id,),
-        prompt_buckets=tuple(data_config.prompt_buckets), pad_id=tokenizer.pad_id), sharder)
+        max_new_tokens=max_new_tokens, greedy=True, **tokenizer_lib.sampler_ids(tokenizer),
+        prompt_buckets=tuple(data_config.prompt_buckets)), sharder)
 
   def __call__(self, params, rng) -> dict[str, np.ndarray]:
     parts = {k: [] for k in METRICS}

@@ -48,6 +48,16 @@ class DecoderConfig:
   # depth), or a Python loop over per-layer parameters (faster on CPU: XLA:CPU copies each
   # layer's slice of stacked weights and cache before its matmuls, ~25% of a small model's step).
   scan_layers: bool = True
+  # Hugging Face families: q/k/v biases (Qwen2), per-head RMSNorm of q and k before the rotation
+  # (Qwen3), no sqrt(D) embedding scale (Gemma-style scale is this project's own choice).
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  embed_scale: bool = True
+  # M-RoPE (Qwen-VL): positions carry a trailing (t, h, w) axis and each rotary frequency reads
+  # one of them: the first mrope_section[0] frequencies t, then h, then w (Qwen2-VL), or t/h/w
+  # interleaved frequency by frequency (Qwen3-VL). Empty: 1-D positions.
+  mrope_section: tuple[int, ...] = ()
+  mrope_interleaved: bool = False
 
   def __post_init__(self):
     for f in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -59,6 +69,10 @@ class DecoderConfig:
     check(self.head_dim % 2 == 0, "head_dim", "an even number (rotary embeddings)", self.head_dim)
     for f in ("dtype", "param_dtype"):
       check(getattr(self, f) in DTYPES, f, f"one of {DTYPES}", getattr(self, f))
+    check(not self.mrope_section or (len(self.mrope_section) == 3
+                                     and sum(self.mrope_section) == self.head_dim // 2),
+          "mrope_section", f"3 sizes summing to head_dim / 2 = {self.head_dim // 2}",
+          self.mrope_section)
 
 
 @flax.struct.dataclass
@@ -158,6 +172,14 @@ class Attention(nnx.Module):
     self.v = layers.param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.param_dtype)
     self.o = layers.param(rngs, layers.fan_in_init((0, 1)), (n, h, d),
                           ("heads", "head_dim", "embed"), cfg.param_dtype)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = layers.param(rngs, zeros, (n, h), ("heads", "head_dim"), cfg.param_dtype)
+      self.k_bias = layers.param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg.param_dtype)
+      self.v_bias = layers.param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), cfg.param_dtype)
+    if cfg.qk_norm:
+      self.q_norm = layers.RMSNorm(h, eps=cfg.norm_eps, rngs=rngs)
+      self.k_norm = layers.RMSNorm(h, eps=cfg.norm_eps, rngs=rngs)
 
   def __call__(self, x, rope, mask, context: tuple[layers.KVPart, ...] = (), store=None):
     """x [B, L, D]; rope: `layers.rope_tables` of the positions; mask bool[B, L, L] over the
@@ -169,6 +191,11 @@ class Attention(nnx.Module):
     q = jnp.einsum("bld,dnh->blnh", x, self.q[...].astype(dt))
     k = jnp.einsum("bld,dkh->blkh", x, self.k[...].astype(dt))
     v = jnp.einsum("bld,dkh->blkh", x, self.v[...].astype(dt))
+    if self.cfg.qkv_bias:
+      q, k, v = (a + b[...].astype(dt) for a, b in
+                 ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = shd.constrain(layers.apply_rope(q, rope), ("batch", None, "act_heads", None))
     # Projections stay in [B, L, ...] form (no per-call weight transposes); moving L behind the
     # heads is free at decode time (L = 1).
@@ -246,8 +273,13 @@ class Decoder(nnx.Module):
                                ("embed", "vocab"), cfg.param_dtype)
 
   def rope_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """sin, cos float32[..., 1, head_dim / 2] of the rotary angles of int32 `positions`."""
-    return layers.rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    """sin, cos float32[..., 1, head_dim / 2] of the rotary angles of int32 `positions`
+    ([...] for 1-D RoPE; [..., 3] (t, h, w) with `mrope_section`)."""
+    cfg = self.cfg
+    if cfg.mrope_section and positions.ndim and positions.shape[-1] == 3:
+      return layers.mrope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                 cfg.mrope_interleaved)
+    return layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """int32[B, L] → [B, L, D] in the compute dtype (scaled by sqrt(D), Gemma-style)."""
@@ -255,18 +287,22 @@ class Decoder(nnx.Module):
     # FSDP does for every weight at use) keeps SPMD from rematerialising the gather's output.
     table = self.sharder.constrain(self.embedding[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
-    return self.sharder.constrain(x * jnp.sqrt(float(self.cfg.width)).astype(x.dtype),
-                                  ("batch", None, None))
+    if self.cfg.embed_scale:
+      x = x * jnp.sqrt(float(self.cfg.width)).astype(x.dtype)
+    return self.sharder.constrain(x, ("batch", None, None))
 
   def __call__(self, x: jax.Array, positions: jax.Array, input_mask: jax.Array,
                prefix_mask: jax.Array | None = None, cache: KVCache | None = None,
                full_prefix_attention: bool = False, logits_from: int = 0,
-               rope: tuple[jax.Array, jax.Array] | None = None):
+               rope: tuple[jax.Array, jax.Array] | None = None,
+               deepstack: jax.Array | None = None):
     """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L - logits_from, V],
     cache): logits from column `logits_from` (static) on. `rope`, when given, is
     `self.rope_tables(positions)` computed by the caller (the sampler builds every decode step's
     tables before its loop: XLA fuses sin and cos into each consumer, so a step would otherwise
-    evaluate them once per head and per use)."""
+    evaluate them once per head and per use). `deepstack` [k, B, L, D] (Qwen3-VL): added to the
+    residual stream after each of the first k layers (visual features of intermediate vision
+    layers at the image tokens, zeros elsewhere)."""
     shd = self.sharder
     mask = attention_mask(input_mask, prefix_mask, full_prefix_attention)
     if rope is None:
@@ -278,7 +314,10 @@ class Decoder(nnx.Module):
       graphdef, params = nnx.split(self.blocks)
     else:
       graphdef, params = nnx.split(self.blocks[0])[0], [nnx.state(b) for b in self.blocks]
-    xs, masks = {"params": params}, {}
+    xs, masks = {"params": params, "index": jnp.arange(self.cfg.num_layers)}, {}
+    if deepstack is not None and deepstack.shape[0] > self.cfg.num_layers:
+      raise ValueError(f"deepstack: {deepstack.shape[0]} feature sets for "
+                       f"{self.cfg.num_layers} layers")
     if cache is not None:
       # A call as long as the cache fills it from slot 0 (a prefill): no cached slot to attend.
       if cache.max_length > input_mask.shape[1]:
@@ -310,6 +349,9 @@ class Decoder(nnx.Module):
                            if "cache" in masks else ()), (kb, vb)
         context = ()
       x, kv = nnx.merge(graphdef, xs["params"])(x, rope, mask, context, store)
+      if deepstack is not None:
+        i, k = xs["index"], deepstack.shape[0]
+        x = x + jnp.where(i < k, deepstack[jnp.minimum(i, k - 1)], 0).astype(x.dtype)
       x = shd.constrain(x, ("batch", None, None))
       return x, (None if cache is None else kv if store else constrain_kv(*kv))
 
@@ -330,7 +372,8 @@ class Decoder(nnx.Module):
         xs.pop("cache", None)  # read from the written buffers instead
       outs = []
       for i in range(self.cfg.num_layers):
-        layer_xs = {name: value[i] if name == "params" else tuple(part[i] for part in value)
+        layer_xs = {name: value[i] if name in ("params", "index") else
+                    tuple(part[i] for part in value)
                     for name, value in xs.items()}  # layer i's parameters, cache and prefix
         x, kv = layer(x, layer_xs)
         outs.append(kv)

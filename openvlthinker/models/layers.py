@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Initializer = Callable[..., jax.Array]
@@ -67,6 +68,24 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
   half = head_dim // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[..., None, None] * freq
+  return jnp.sin(angle), jnp.cos(angle)
+
+
+def mrope_tables(positions: jax.Array, head_dim: int, theta: float, section: Sequence[int],
+                 interleaved: bool) -> tuple[jax.Array, jax.Array]:
+  """`rope_tables` of multimodal positions int32[B, L, 3] (t, h, w): frequency j rotates by the
+  axis `section` assigns it, in blocks (t t … h h … w w …, Qwen2-VL) or interleaved from
+  frequency 0 (t h w t h w …, Qwen3-VL, where w's share may end first)."""
+  half = head_dim // 2
+  j = np.arange(half)
+  if interleaved:
+    axis = np.zeros(half, np.int32)
+    for a in (1, 2):
+      axis[(j % 3 == a) & (j < 3 * section[a])] = a
+  else:
+    axis = np.repeat(np.arange(3), section)
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = jnp.take(positions.astype(jnp.float32), jnp.asarray(axis), axis=-1)[..., None, :] * freq
   return jnp.sin(angle), jnp.cos(angle)
 
 

@@ -23,6 +23,7 @@ class FamilyInfo:
   image_token_id: int
   has_vision: bool
   config: Any  # the family's own frozen config (e.g. VLMConfig)
+  tokenizer: Any = None  # the checkpoint's own tokenizer (HF families); None: config.tokenizer
 
 
 Builder = Callable[[ml_collections.ConfigDict, Sharder, int], tuple[Any, FamilyInfo]]
@@ -44,3 +45,7 @@ def _builtin_vlm(model_config, sharder: Sharder, seed: int):
   return build_model(cfg, sharder, seed=seed), FamilyInfo(
       vocab_size=cfg.text.vocab_size, image_token_id=cfg.image_token_id,
       has_vision=cfg.vision is not None, config=cfg)
+
+
+# The Hugging Face families (qwen2_5_vl, qwen3_vl) register themselves where they are built.
+from openvlthinker.models.hf import pretrained as _pretrained  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

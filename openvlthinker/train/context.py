@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -13,6 +15,7 @@ from openvlthinker import sharding, taxonomy
 from openvlthinker.data import pipeline
 from openvlthinker.data.tokenizer import load_tokenizer
 from openvlthinker.models import registry
+from openvlthinker.models.hf import pretrained
 from openvlthinker.train import loop
 from openvlthinker.models.protocol import VisionLanguageModel
 
@@ -50,13 +53,16 @@ class Context:
 def make_sharder(config: ml_collections.ConfigDict) -> sharding.Sharder:
   """The (data, fsdp, tensor) mesh of `config.mesh` with `config.sharding_rules`."""
   mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
-  return sharding.Sharder(mesh, tuple((k, v) for k, v in config.sharding_rules))
+  # A config read back from JSON (`load_run_config`) holds lists: rules must stay hashable.
+  return sharding.Sharder(mesh, tuple((k, v if isinstance(v, str) or v is None else tuple(v))
+                                      for k, v in config.sharding_rules))
 
 
 def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   sharder = make_sharder(config)
-  tokenizer = load_tokenizer(config.tokenizer.path or None)
   model, info = registry.build(config.model, sharder, seed=config.seed)
+  # A Hugging Face family brings its checkpoint's tokenizer; the built-in one uses the suite's.
+  tokenizer = info.tokenizer or load_tokenizer(config.tokenizer.path or None)
   if tokenizer.vocab_size > info.vocab_size:
     raise ValueError(f"model.vocab_size: expected at least the tokenizer's "
                      f"{tokenizer.vocab_size}, got {info.vocab_size}")
@@ -64,11 +70,40 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     raise ValueError(f"model.image_token_id: expected the tokenizer's <image> id "
                      f"{tokenizer.image_id}, got {info.image_token_id}")
   graphdef, params = nnx.split(model)
-  if config.model.init:  # The newest parameters of another run's stage, on this run's mesh.
+  # The newest parameters of another run's stage, on this run's mesh (hf:DIR was loaded by the
+  # family's builder).
+  if config.model.init and not config.model.init.startswith(pretrained.HF_PREFIX):
     step, params = loop.StageCheckpoints.at(config.model.init).restore_params(params)
     print(f"model.init: parameters of step {step} from {config.model.init}", flush=True)
   return Context(config=config, workdir=workdir, sharder=sharder, model=model, model_info=info,
                  graphdef=graphdef, initial_params=params, tokenizer=tokenizer)
+
+
+CONFIG_FILE = "config.json"  # a run's config, written by each training run of the workdir
+HF_FILES = "hf"  # an HF-initialised run's copy of its checkpoint's config, tokenizer, processor
+
+
+def record_run(ctx: Context) -> None:
+  """Writes the run's config (and, for an HF family, its checkpoint's non-weight files) into the
+  workdir, so `generate` and `models.hf.export` can rebuild the model from the workdir alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index():
+    return
+  with open(os.path.join(ctx.workdir, CONFIG_FILE), "w") as f:
+    f.write(ctx.config.to_json_best_effort(indent=2))
+  if ctx.config.model.name in pretrained.FAMILIES:
+    source, _ = pretrained.checkpoint_dir(ctx.config.model)
+    pretrained.copy_side_files(source, os.path.join(ctx.workdir, HF_FILES))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the last training run of `workdir` recorded."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: expected the run's recorded config ({e})") from None
 
 
 def task_key_ids(problem_types, task_ids, key: str):

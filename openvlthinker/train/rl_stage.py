@@ -54,8 +54,7 @@ class RLStage:
     self.ctx, self.c, self.writer = ctx, c, metrics_writer
     self.tx = rl_optimizer(r)
     tok = ctx.tokenizer
-    self.sampler_config = configuration.build_sampler(c, stop_tokens=(tok.eos_id,),
-                                                      pad_id=tok.pad_id)
+    self.sampler_config = configuration.build_sampler(c, tok)
     self.sampler = Sampler(ctx.graphdef, self.sampler_config, ctx.sharder)
     self.loss_config = configuration.build_loss(c)
     self.entropy = configuration.build_entropy(c)

@@ -21,7 +21,7 @@ from openvlthinker.fields import FieldError
 from openvlthinker.metrics import MetricsWriter
 from openvlthinker.train import loop, preflight, sft
 from openvlthinker.train import weights as weights_lib
-from openvlthinker.train.context import build_context
+from openvlthinker.train.context import build_context, record_run
 from openvlthinker.train.workdir_lock import WorkdirLock
 
 
@@ -93,6 +93,7 @@ def run(config, workdir: str, mode: str):
     return
   with WorkdirLock(workdir):
     ctx = build_context(config, workdir)
+    record_run(ctx)
     evaluator = preflight.check(ctx, mode)
     writer = MetricsWriter(workdir)
     try:

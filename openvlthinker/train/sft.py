@@ -23,16 +23,14 @@ def prefix_mask_of(input_mask: jax.Array, target_mask: jax.Array) -> jax.Array:
   return input_mask & (jnp.cumsum(target_mask, axis=1) == 0)
 
 
-def positions_of(input_mask: jax.Array) -> jax.Array:
-  """int32[B, L]: 0, 1, … over the real tokens of each row (pads repeat the last position)."""
-  return jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0).astype(jnp.int32)
-
-
 def sft_loss(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
   """Token-mean cross-entropy on the targets; returns (loss, metrics)."""
   model = nnx.merge(graphdef, params)
   tokens, input_mask, target = batch["tokens"], batch["input_mask"], batch["loss_mask"]
-  logits, _ = model(tokens, positions_of(input_mask), batch["images"], input_mask=input_mask,
+  # The model's own positions (1-D, or M-RoPE's over the image tokens): right-padded rows are
+  # prompts as far as positions go.
+  positions, _ = model.prompt_positions(tokens, input_mask)
+  logits, _ = model(tokens, positions, batch["images"], input_mask=input_mask,
                     prefix_mask=prefix_mask_of(input_mask, target))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
   mask = target[:, 1:].astype(jnp.float32)

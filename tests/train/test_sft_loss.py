@@ -70,9 +70,11 @@ def numpy_loss(logits, batch):
   return np.mean(nll), np.mean(hits), len(nll)
 
 
-def test_positions_and_prefix_mask_of_a_padded_batch():
+def test_positions_and_prefix_mask_of_a_padded_batch(model):
   b = sft_batch()
-  np.testing.assert_array_equal(sft.positions_of(jnp.asarray(b["input_mask"])), POSITIONS)
+  positions, _ = nnx.merge(*model).prompt_positions(jnp.asarray(b["tokens"]),
+                                                    jnp.asarray(b["input_mask"]))
+  np.testing.assert_array_equal(positions, POSITIONS)
   np.testing.assert_array_equal(
       sft.prefix_mask_of(jnp.asarray(b["input_mask"]), jnp.asarray(b["loss_mask"])), PREFIX)
 

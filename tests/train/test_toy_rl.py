@@ -39,6 +39,7 @@ STEPS = 8           # RL steps per estimator
 class DigitTokenizer:
   """Decodes a response to a well-formed one whose answer is its first token's id."""
   pad_id, eos_id, bos_id, image_id, vocab_size = PAD, EOS, BOS, IMAGE, V
+  stop_ids, placeholder_ids = (EOS,), (IMAGE,)
 
   def decode(self, ids):
     return f"<thinking>t</thinking><answer>{ids[0]}</answer>" if ids else ""

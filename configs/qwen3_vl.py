@@ -1,0 +1,32 @@
+"""RL on a pretrained Qwen3-VL-8B-Instruct, the paper's run (REFERENCE §4): rollouts of 512 × 8,
+AdamW 2e-6, G²RPO by task type, 2048-token responses, on the public-format JSON data.
+
+  launch/tpu_pod.sh my-v5p-64 us-east5-a configs/qwen3_vl.py:8b gs://bucket/run \\
+      --config.model.init=hf:/mnt/ckpt/Qwen3-VL-8B-Instruct \\
+      --config.data.path=gs://bucket/data/train.jsonl --config.data.image_root=gs://bucket/data
+
+Everything but the trainer comes from the checkpoint named by `model.init=hf:DIR`. Images are
+resized to 448×448 (14×14 = 196 image tokens each with Qwen3-VL's 16-pixel patches). bfloat16
+compute, float32 parameters and AdamW state, remat, FSDP over all chips (README: the per-chip
+memory table).
+
+`tiny`: CPU-sized, for `python tools/tiny_qwen_vl.py --family=qwen3_vl --out=DIR`, 64×64 images.
+"""
+from openvlthinker.configuration import (base_config, cpu_tiny_recipe, pod_rl_recipe,
+                                        pretrained_family)
+
+PRESETS = ("8b", "tiny")
+
+
+def get_config(arg="8b"):
+  if arg not in PRESETS:
+    raise ValueError(f"configs/qwen3_vl.py: preset {arg!r}, expected one of {PRESETS}")
+  if arg == "tiny":
+    c = cpu_tiny_recipe(pretrained_family(base_config(), "qwen3_vl", image_size=64))
+    c.data.update(source="json", seq_len=256, batch_size=8, prompt_buckets=(128, 192))
+    c.sft.steps = 2
+    c.rl.learning_rate = 1e-3
+    return c
+  c = pod_rl_recipe(pretrained_family(base_config(), "qwen3_vl", image_size=448))
+  c.model.update(dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
+  return c
