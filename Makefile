@@ -4,14 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test mutate bench install clean
 
+# The library alone (what demo needs), then the test extras: pytest and friends, and transformers
+# with torch pinned to the CPU wheel, the reference the Hugging Face parity tests compare against.
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,hf]'
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -21,14 +28,14 @@ demo: $(STAMP)
 
 # Branch coverage (CLI subprocesses included, .coveragerc), summarised on one screen; the summary
 # fails the target when rl/, train/ or sampler.py fall below 90 %.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	find . -maxdepth 1 -name '.coverage*' ! -name .coveragerc -delete
 	$(BIN)/python -m pytest -q -n 2 --cov --cov-report=
 	$(BIN)/python tools/coverage_summary.py
 
 # Mutation testing of rl/, train/ and sampler.py (setup.cfg [mutmut]); resumable. A subset:
 # make mutate MUTANTS='openvlthinker.train.batch*'. Survivors: mutants/survivors.txt.
-mutate: $(STAMP)
+mutate: $(TEST_STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[mutate]'
 	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results > mutants/survivors.txt
@@ -37,7 +44,7 @@ mutate: $(STAMP)
 	  t = s['total'] - s['skipped']; k = s['killed'] + s['timeout']; \
 	  print(f'killed {k} of {t} mutants ({100 * k / max(t, 1):.1f} %); survivors in mutants/survivors.txt')"
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b; done
 
 clean:

@@ -20,14 +20,18 @@ INSTALL_REQUIRES = [
     "sympy>=1.12",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    # Hugging Face checkpoints and tokenizers (models/hf/); numpy-only, no torch.
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
 ]
 
 EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5", "scipy>=1.11",
              "pytest-cov>=7", "coverage>=7.10"],  # 7.10: `patch = subprocess` (.coveragerc)
     "mutate": ["mutmut>=3.8"],
-    # torch is pinned to the CPU wheel that ships with the machine image; a looser pin pulls CUDA.
-    "hf": ["torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4", "tokenizers>=0.20"],
+    # transformers, the reference the parity tests and tools/tiny_qwen_vl.py check against. torch
+    # is pinned to the CPU wheel that ships with the machine image; a looser pin pulls CUDA.
+    "hf": ["torch==2.13.0", "transformers>=5,<6"],
 }
 
 setup(

@@ -96,6 +96,14 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def splice_images(x: jax.Array, is_image: jax.Array, feats: jax.Array) -> jax.Array:
+  """x [B, L, D] with the j-th image token of each row (is_image bool[B, L]) replaced by that
+  row's j-th image feature (feats [B, M, D]); rows with more image tokens than M reuse the last."""
+  slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
+  spliced = jnp.take_along_axis(feats.astype(x.dtype), slot[..., None], axis=1)
+  return jnp.where(is_image[..., None], spliced, x)
+
+
 class KVPart(NamedTuple):
   """Keys and values that a batch of queries attends to (see `attend`).
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from openvlthinker.fields import check
 from openvlthinker.models import decoder as decoder_lib
+from openvlthinker.models import layers
 from openvlthinker.models import mrope
 from openvlthinker.models.decoder import Decoder, DecoderConfig, KVCache
 from openvlthinker.models.hf import image_processor as improc
@@ -120,13 +121,11 @@ class QwenVL(nnx.Module):
       return x, None
     feats, deep = self.encode_images(images)
     is_image = (tokens == self.cfg.image_token_id) & input_mask
-    # The j-th image token of a row takes the j-th image feature of that row.
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
-    splice = lambda f: jnp.take_along_axis(
-        self.sharder.constrain(f.astype(x.dtype), ("batch", None, None)), slot[..., None], axis=1)
-    x = jnp.where(is_image[..., None], splice(feats), x)
-    if deep is not None:
-      deep = jnp.stack([jnp.where(is_image[..., None], splice(f), 0) for f in deep])
+    constrain = lambda f: self.sharder.constrain(f.astype(x.dtype), ("batch", None, None))
+    x = layers.splice_images(x, is_image, constrain(feats))
+    if deep is not None:  # DeepStack residuals: the image features on image tokens, else zero
+      deep = jnp.stack([layers.splice_images(jnp.zeros_like(x), is_image, constrain(f))
+                        for f in deep])
     return x, deep
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, images: jax.Array | None = None,

@@ -95,11 +95,7 @@ class VLM(nnx.Module):
       return x
     feats = self.sharder.constrain(self.encode_images(images).astype(x.dtype),
                                    ("batch", None, None))
-    is_image = (tokens == self.cfg.image_token_id) & input_mask
-    # The j-th placeholder of a row takes the j-th image feature of that row.
-    slot = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, feats.shape[1] - 1)
-    spliced = jnp.take_along_axis(feats, slot[..., None], axis=1)
-    return jnp.where(is_image[..., None], spliced, x)
+    return layers.splice_images(x, (tokens == self.cfg.image_token_id) & input_mask, feats)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, images: jax.Array | None = None,
                cache: KVCache | None = None, *, input_mask: jax.Array | None = None,

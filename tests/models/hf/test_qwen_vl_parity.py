@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "to
 import tiny_qwen_vl  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from flax import nnx  # noqa: E402
+from openvlthinker.generate import canvas  # noqa: E402
 from openvlthinker.models.hf import pretrained  # noqa: E402
 from openvlthinker.sampler import Sampler, SamplerConfig  # noqa: E402
 
@@ -71,16 +72,6 @@ class Family:
       kwargs["attention_mask"] = torch.tensor(mask, dtype=torch.long)
     with torch.no_grad():
       return self.net(input_ids=ids, **kwargs).logits.numpy()
-
-
-def canvas(images):
-  """uint8[1, N, Hmax, Wmax, 3] with image k in the top-left corner of slot k."""
-  h = max(x.shape[0] for x in images)
-  w = max(x.shape[1] for x in images)
-  out = np.zeros((1, len(images), h, w, 3), np.uint8)
-  for k, x in enumerate(images):
-    out[0, k, :x.shape[0], :x.shape[1]] = x
-  return out
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
