@@ -110,6 +110,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(every=20, num_per_task=32, batch_size=64,
                                           max_new_tokens=96))
+  # Evaluation sets (eval/sets.py): the suite's held-out split (`suite`), and JSON/JSONL sets in
+  # the public format, "name:PATH,name:PATH", each with an optional image root "name:DIR,..."
+  # (default: its file's folder). Decoding: num_samples per problem at a temperature (0 =
+  # greedy) and top-p; a sample passes (pass@k) at accuracy >= pass_threshold. batch_size counts
+  # rows (prompts × num_samples).
+  c.eval.update(suite=True, sets="", image_roots="")
+  from openvlthinker.eval.sets import Decoding  # pylint: disable=g-import-not-at-top
+  c.eval.update(_defaults(Decoding))
   # What `--mode=eval` scores: '' = the newest checkpoint of the latest stage; 'sft' | 'rl' (that
   # stage's newest); 'rl:STEP' | 'sft:STEP'; 'STEP' (of the latest stage). See train/weights.py.
   c.eval.checkpoint = ""
@@ -117,7 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict(dict(nan_loss_at_rl_step=-1))  # Test hook; -1 = off.
   c.progress_bar = True
   return c
-
 
 
 def pod_rl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -131,7 +138,9 @@ def pod_rl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.update(steps=1000, prompts_per_step=512, group_size=8, updates_per_rollout=4,
               micro_batch_size=256, learning_rate=2e-6, weight_decay=0.01)
   c.rl.sampler.update(max_new_tokens=2048, temperature=1.0, top_p=1.0)
-  c.eval.update(every=50, num_per_task=256, batch_size=512, max_new_tokens=2048)
+  # Validation as the public code does it: sampled at temperature 0.7, top-p 0.95.
+  c.eval.update(every=50, num_per_task=256, batch_size=512, max_new_tokens=2048,
+                temperature=0.7, top_p=0.95)
   c.checkpoint.update(every=25, keep=3)
   c.progress_bar = False
   return c
@@ -260,8 +269,6 @@ def _model(c):
 @check
 def _data(c):
   _choice(c, "data.source", ("suite", "tfds", "json"))
-  _check(c.data.source == "suite" or bool(c.data.path), "data.path",
-         f"a path for data.source={c.data.source!r}", c.data.path)
   for f in ("seq_len", "batch_size", "max_images", "max_image_pixels"):
     _positive(c, f"data.{f}")
   buckets = tuple(c.data.prompt_buckets)
@@ -335,17 +342,33 @@ def _rl(c):
 def _eval_checkpoint(c):
   for f in ("every", "num_per_task", "batch_size", "max_new_tokens"):
     _positive(c, f"eval.{f}")
+  from openvlthinker.eval import evaluator, sets  # pylint: disable=g-import-not-at-top
+  decoding = _built("eval", lambda: evaluator.decoding_from_config(c.eval))
+  _check(c.eval.batch_size >= decoding.num_samples, "eval.batch_size",
+         f"at least eval.num_samples={decoding.num_samples} (it counts rows: prompts × samples)",
+         c.eval.batch_size)
+  named = _built("eval", lambda: sets.parse_sets(c.eval.sets, c.eval.image_roots))
+  _check(bool(c.eval.suite) or bool(named), "eval.sets",
+         "at least one set when eval.suite=False (there would be nothing to evaluate)",
+         c.eval.sets)
   from openvlthinker.train import weights  # pylint: disable=g-import-not-at-top
   _built("eval", lambda: weights.parse_spec(c.eval.checkpoint))
   _positive(c, "checkpoint.every")
   _positive(c, "checkpoint.keep")
 
 
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Runs every registered rule; raises ConfigError naming the first bad field."""
+TRAINING_MODES = ("sft", "rl", "all")
+
+
+def validate(c: ml_collections.ConfigDict, mode: str = "all") -> ml_collections.ConfigDict:
+  """Runs every registered rule; raises ConfigError naming the first bad field. A mode that
+  trains (`TRAINING_MODES`) needs its training data; `eval` and `forward` read none."""
   for fn in _CHECKS:
     try:
       fn(c)
     except (KeyError, AttributeError) as e:
       raise ConfigError(f"config: missing field {e}") from None
+  if mode in TRAINING_MODES:
+    _check(c.data.source == "suite" or bool(c.data.path), "data.path",
+           f"a path for data.source={c.data.source!r}", c.data.path)
   return c

@@ -51,7 +51,7 @@ def main(argv):
   if _WORKDIR.value is None:
     _fail("--workdir: expected a directory for checkpoints and metrics")
   try:
-    config = configuration.validate(_CONFIG.value)
+    config = configuration.validate(_CONFIG.value, _MODE.value)
   except configuration.ConfigError as e:
     _fail(str(e))
   if _DISTRIBUTED.value:

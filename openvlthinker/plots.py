@@ -1,4 +1,5 @@
-"""PNG plots of a finished run from its metrics.jsonl: per-task RL curves and evaluation bars."""
+"""PNG plots of a run: per-task RL curves (from metrics.jsonl), evaluation bars, and each evaluation
+set's accuracy over RL steps."""
 from __future__ import annotations
 
 import os
@@ -50,6 +51,22 @@ def plot_eval_bars(evals: dict[str, dict[str, np.ndarray]], path: str,
   ax.set_ylabel(f"held-out {metric} reward")
   ax.legend()
   ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_set_accuracy(series: dict[str, np.ndarray], path: str) -> None:
+  """Accuracy (mean@K with its 95 % band) of each evaluation set over RL steps; series:
+  {set: float[n, 3] rows (step, mean, half-width)} (`eval.report.history`)."""
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  for name, rows in series.items():
+    ax.plot(rows[:, 0], rows[:, 1], marker="o", lw=1.2, label=name)
+    ax.fill_between(rows[:, 0], rows[:, 1] - rows[:, 2], rows[:, 1] + rows[:, 2], alpha=0.15)
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("accuracy (mean@K)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -4,11 +4,11 @@ Records carry `problem` (with `<image>` placeholders), `answer` wrapped in `<ans
 `images` as paths relative to an image root, `problem_type`, `task_type` and optional `options`
 ("A. text"), `problem_id`, `data_source`. Every record is validated when the source is built: a
 malformed record raises an error naming the record and the field. A record whose image file is
-missing or whose ground truth no answer could match (`rewards.check_ground_truth`) raises too, or,
-with skip_bad_records, is skipped and counted. Images are decoded (`images.read_rgb`) only when a
-record is read; one that does not decode is a fault of that record alone: with skip_bad_records
-the read returns a `BadRecord`, which the pipeline counts as dropped, else it raises a one-line
-ValueError naming the record and the file.
+missing, whose problem or task type no reward knows, or whose ground truth no answer could match
+(`rewards.check_ground_truth`) raises too, or, with skip_bad_records, is skipped and counted.
+Images are decoded (`images.read_rgb`) only when a record is read; one that does not decode is a
+fault of that record alone: with skip_bad_records the read returns a `BadRecord`, which the
+pipeline counts as dropped, else it raises a one-line ValueError naming the record and the file.
 """
 from collections.abc import Mapping
 import collections
@@ -147,11 +147,13 @@ def parse_record(name: str, record: Any, image_root: str) -> _Record:
   if placeholders and placeholders != len(images):
     raise ValueError(f"record {name}: field 'problem' has {placeholders} {_IMAGE} placeholders "
                      f"but field 'images' lists {len(images)} files")
+  problem_type = _field(name, record, "problem_type", str)
+  task_type = _field(name, record, "task_type", str)
   try:
-    problem_type = taxonomy.canonical_problem_type(_field(name, record, "problem_type", str))
-    task_type = taxonomy.canonical_task_type(_field(name, record, "task_type", str))
-  except ValueError as e:
-    raise ValueError(f"record {name}: {e}") from None
+    problem_type = taxonomy.canonical_problem_type(problem_type)
+    task_type = taxonomy.canonical_task_type(task_type)
+  except ValueError as e:  # well-formed, but a type no reward knows: that record's fault alone
+    raise UnusableRecord(name, str(e)) from None
   reason = rewards.check_ground_truth(answer, problem_type, options)
   if reason is not None:
     raise UnusableRecord(name, f"field 'answer': {reason}")
@@ -165,14 +167,24 @@ def parse_record(name: str, record: Any, image_root: str) -> _Record:
   return _Record(name=name, image_paths=paths, example=example)
 
 
+def skip_kind(why: str) -> str:
+  """The kind of a skipped record's reason (`JsonSource.skipped`): missing image, unknown type or
+  unusable answer."""
+  if why.startswith("image file not found"):
+    return "missing image"
+  if why.startswith("field 'answer'"):
+    return "unusable answer"
+  return "unknown type"
+
+
 class JsonSource:
   """Random-access `Example`s of a public-format .json / .jsonl file.
 
   Args:
     path: the .json (a list of records) or .jsonl (one record a line) file.
     image_root: directory the `images` paths are relative to; defaults to the file's directory.
-    skip_bad_records: when False, a record naming a missing image file or holding an unusable
-      ground truth raises (naming the record) when the source is built, and an image that does
+    skip_bad_records: when False, a record naming a missing image file, an unknown problem or
+      task type, or holding an unusable ground truth raises (naming the record) when the source is built, and an image that does
       not decode raises ValueError naming the record and the file when the record is read. When
       True, the first two are skipped and counted in `num_skipped` (names and reasons in
       `skipped`), and reading the third returns a `BadRecord` (logged as a warning).
@@ -217,9 +229,7 @@ class JsonSource:
     self.skipped.append((name, why))
 
   def _skip_counts(self) -> str:
-    kinds = collections.Counter(
-        "missing image" if why.startswith("image file not found") else "unusable answer"
-        for _, why in self.skipped)
+    kinds = collections.Counter(skip_kind(why) for _, why in self.skipped)
     return ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
 
   @property

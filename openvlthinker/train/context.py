@@ -36,12 +36,15 @@ class Context:
     return self.model_info.has_vision
 
   def data_config(self, batch_size: int, split: str = "train") -> pipeline.DataConfig:
-    """The data layer's config; the image size and its token count come from the model."""
+    """The data layer's config; the image size and its token count come from the model. The
+    "eval" split's shapes and prompt layout are the training data's, but it reads no training
+    file (evaluation sets bring their own), so a run evaluates without data.path."""
     d = self.config.data
     size = self.config.model.vision.image_size
     image_tokens = self.model.tokens_per_image(size, size) if self.uses_images else 0
+    source, path = ("suite", "") if split == "eval" else (d.source, d.path)
     return pipeline.DataConfig(
-        source=d.source, path=d.path, image_root=d.image_root, tfds_config=d.tfds_config,
+        source=source, path=path, image_root=d.image_root, tfds_config=d.tfds_config,
         split=split, batch_size=batch_size, seq_len=d.seq_len,
         prompt_buckets=tuple(d.prompt_buckets), image_size=size,
         num_image_tokens=image_tokens, max_images=d.max_images,

@@ -4,15 +4,15 @@ Config validation cannot know whether the prompts fit `data.prompt_buckets` or t
 fit `data.seq_len`: that depends on the records. Without this the RL stage of `--mode=all` finds
 out only after SFT has run. The first records of the training mixture go through the pipeline's own
 featurizers (the rules stay in `data.pipeline`); if none fit, the run stops with a one-line error
-naming the field, and if most do not, it warns. The evaluator is built here too (it rejects
-held-out problems that do not fit) and handed to the RL stage.
+naming the field, and if most do not, it warns. The evaluation is built here too (it rejects
+held-out problems that do not fit, reads the evaluation sets) and handed to the RL stage.
 """
 from __future__ import annotations
 
 import collections
 import sys
 
-from openvlthinker import eval as eval_lib
+from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker.data import pipeline, sources
 
 PROBE_RECORDS = 64
@@ -33,8 +33,9 @@ def _probe(name: str, featurize, config: pipeline.DataConfig, source) -> None:
           file=sys.stderr, flush=True)
 
 
-def check(ctx, mode: str) -> eval_lib.Evaluator | None:
-  """Probes the data the stages of `mode` will read; returns the RL stage's evaluator."""
+def check(ctx, mode: str) -> Evaluation | None:
+  """Probes the data the stages of `mode` will read; returns the RL stage's evaluation (every
+  evaluation set read and featurised: a bad set stops the run here)."""
   c = ctx.config
   sft_config = ctx.data_config(c.data.batch_size)
   # One read of the data file for both probes (the stages differ only in batch size).
@@ -45,5 +46,5 @@ def check(ctx, mode: str) -> eval_lib.Evaluator | None:
     config = ctx.data_config(c.rl.prompts_per_step)
     if c.rl.steps:
       _probe("rl", pipeline.RlFeatures(config, ctx.tokenizer), config, source)
-    return eval_lib.build_evaluator(ctx)
+    return Evaluation.from_context(ctx)
   return None

@@ -22,9 +22,9 @@ import numpy as np
 import optax
 
 from openvlthinker import configuration
-from openvlthinker import eval as eval_lib
 from openvlthinker.data import pipeline
 from openvlthinker.errors import RunError
+from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker.rl import advantages as advantages_lib
 from openvlthinker.sampler import Sampler
 from openvlthinker.train import loop, rl, rl_metrics
@@ -48,7 +48,7 @@ def rl_optimizer(r) -> optax.GradientTransformation:
 class RLStage:
   """Builds the RL machinery from a Context; `run(initial_params)` trains and returns params."""
 
-  def __init__(self, ctx: Context, metrics_writer, evaluator: eval_lib.Evaluator | None = None):
+  def __init__(self, ctx: Context, metrics_writer, evaluation: Evaluation | None = None):
     c = ctx.config
     r = c.rl
     self.ctx, self.c, self.writer = ctx, c, metrics_writer
@@ -71,18 +71,20 @@ class RLStage:
         group_size=r.group_size if r.share_prompt_forward else 1)
     self.reference_logprobs = jax.jit(
         lambda p, mb: rl.policy_logprobs(p, ctx.graphdef, mb, self.sampler_config)[0])
-    self._evaluator = evaluator
+    self._evaluation = evaluation
     self.empty_streak = 0  # consecutive steps whose filter kept nothing (checkpointed)
 
   @property
-  def evaluator(self) -> eval_lib.Evaluator:
-    if self._evaluator is None:  # Built on first use: renders and tokenises the held-out set.
-      self._evaluator = eval_lib.build_evaluator(self.ctx)
-    return self._evaluator
+  def evaluation(self) -> Evaluation:
+    if self._evaluation is None:  # Built on first use: renders and tokenises the eval sets.
+      self._evaluation = Evaluation.from_context(self.ctx)
+    return self._evaluation
 
   def evaluate(self, params, step: int) -> dict[str, np.ndarray]:
-    results = self.evaluator(params, jax.random.key(0))
-    self.writer.write("eval", step, rl_metrics.eval_metrics(results))
+    """Evaluates every set (eval/rl_<step>/); returns the per-task results."""
+    results, summaries = self.evaluation(params, f"rl_{step}", {"stage": "rl", "step": step})
+    self.writer.write("eval", step, rl_metrics.eval_metrics(results)
+                      | self.evaluation.set_metrics(summaries))
     return results
 
   # ------------------------------------------------------------------------------ one step

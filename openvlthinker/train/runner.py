@@ -1,8 +1,8 @@
 """Dispatches a validated config to its stages and writes the run's final report.
 
 Stages: `sft` (cold start), `rl` (G²RPO from the SFT checkpoint when there is one), `all` (both),
-`eval` (the held-out evaluation of the weights `eval.checkpoint` names, by default the newest of the
-latest stage; `train/weights.py`), `forward` (a smoke test). Each stage resumes from its own
+`eval` (every evaluation set of `config.eval` on the weights `eval.checkpoint` names, by default
+the newest of the latest stage; `train/weights.py`), `forward` (a smoke test). Each stage resumes from its own
 checkpoints in the workdir, so rerunning a command continues where it stopped. Training modes hold
 the workdir's lock and run the data preflight before anything compiles.
 """
@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from openvlthinker import eval as eval_lib
+from openvlthinker.eval import report as eval_report
+from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker import plots
 from openvlthinker.fields import FieldError
 from openvlthinker.metrics import MetricsWriter
@@ -42,7 +44,8 @@ def _rl_start(ctx, writer, mode: str) -> weights_lib.Weights:
 
 
 def evaluate(ctx) -> str:
-  """`--mode=eval`: scores the weights `eval.checkpoint` names; writes eval/<label>.json."""
+  """`--mode=eval`: scores the weights `eval.checkpoint` names on every evaluation set; writes
+  eval/<label>/ (per-problem JSONL, summary.json, summary.md) and eval/<label>.json (per task)."""
   try:
     chosen = weights_lib.select(ctx, ctx.config.eval.checkpoint)
   except FieldError as e:
@@ -50,18 +53,19 @@ def evaluate(ctx) -> str:
   prefix = "warning: " if chosen.is_random else ""
   print(f"{prefix}eval: scoring {chosen.describe()}", file=sys.stderr if prefix else sys.stdout,
         flush=True)
-  evaluator = eval_lib.build_evaluator(ctx)
-  print(f"eval set: {evaluator.description}", flush=True)
-  results = evaluator(chosen.params, jax.random.key(0))
-  out_dir = os.path.join(ctx.workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"{chosen.label.replace('@', '_')}.json")
+  evaluation = Evaluation.from_context(ctx)
+  print(f"eval set: {evaluation.description}", flush=True)
+  weights = {"stage": chosen.stage, "step": chosen.step, "path": chosen.path,
+             "param_norm": chosen.param_norm}
+  point = eval_report.point_name(chosen.label)
+  results, summaries = evaluation(chosen.params, point, weights)
+  path = os.path.join(evaluation.eval_dir, f"{point}.json")
   with open(path, "w") as f:
-    json.dump({"weights": {"stage": chosen.stage, "step": chosen.step, "path": chosen.path,
-                           "param_norm": chosen.param_norm},
-               "eval_set": evaluator.description,
+    json.dump({"weights": weights, "eval_set": evaluation.description,
                "results": {k: np.asarray(v).tolist() for k, v in results.items()}}, f, indent=1)
-  return eval_lib.format_table({chosen.label: results}, "overall") + f"\n\nwrote {path}"
+  return (eval_lib.format_table({chosen.label: results}, "overall") + "\n\n"
+          + eval_report.format_summary(summaries, evaluation.decoding)
+          + f"\nwrote {path} and {os.path.join(evaluation.eval_dir, point)}/")
 
 
 def report(workdir: str, evals: dict, description: str = "") -> str:
@@ -71,7 +75,7 @@ def report(workdir: str, evals: dict, description: str = "") -> str:
   before, after = evals["before_rl"]["overall"], evals["after_rl"]["overall"]
   improved = int(np.sum(after > before + 1e-9))
   present = int(np.sum(np.isfinite(before)))
-  text = (f"{eval_set}Held-out overall reward per task (greedy decoding):\n\n{table}\n\n"
+  text = (f"{eval_set}Held-out overall reward per task:\n\n{table}\n\n"
           f"Held-out accuracy per task:\n\n{accuracy}\n\n"
           f"RL raised the held-out overall reward on {improved} of {present} task types.\n")
   with open(os.path.join(workdir, "eval_table.md"), "w") as f:
@@ -94,7 +98,7 @@ def run(config, workdir: str, mode: str):
   with WorkdirLock(workdir):
     ctx = build_context(config, workdir)
     record_run(ctx)
-    evaluator = preflight.check(ctx, mode)
+    evaluation = preflight.check(ctx, mode)
     writer = MetricsWriter(workdir)
     try:
       if mode == "sft":
@@ -103,9 +107,9 @@ def run(config, workdir: str, mode: str):
       start = _rl_start(ctx, writer, mode)
       print(f"rl: starting from {start.describe()}", flush=True)
       from openvlthinker.train.rl_stage import RLStage
-      stage = RLStage(ctx, writer, evaluator)
+      stage = RLStage(ctx, writer, evaluation)
       _, evals = stage.run(start.params)
-      print(report(workdir, evals, stage.evaluator.description))
+      print(report(workdir, evals, stage.evaluation.description))
       for path in plots.write_plots(workdir, evals):
         print(f"wrote {path}")
     except loop.Preempted as e:

@@ -3,11 +3,12 @@ default mesh (fsdp over all 8) and with fsdp=4 × tensor=2.
 
 - Interrupted as a pod (or a user) would: SIGTERM mid-SFT (saves, exits 0), rerun; SIGKILL
   mid-SFT, rerun (its stale workdir lock taken over); Ctrl-C (SIGINT) mid-RL, rerun; SIGKILL
-  mid-RL, rerun. Every step's metrics (SFT, RL, evaluations) equal
-  an uninterrupted run's (timings aside).
-- `--mode=eval` afterwards scores the RL checkpoint (its parameter norm is the RL state's).
-- The checkpoints it wrote restore onto the mesh with the rule table's shardings, and a new run
-  started from its SFT checkpoint (`model.init`) evaluates those weights as the run did.
+  mid-RL, rerun (on the second mesh: the last one only). Every step's metrics (SFT, RL,
+  evaluations) equal an uninterrupted run's (timings aside), and the checkpoints it wrote restore
+  onto the mesh with the rule table's shardings.
+- On the default mesh: `--mode=eval` afterwards scores the RL checkpoint (its parameter norm is
+  the RL state's), and a new run started from its SFT checkpoint (`model.init`) evaluates those
+  weights as the run did.
 - A NaN injected into one optimizer step is skipped and counted; training goes on, finite.
 """
 import json
@@ -82,18 +83,22 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
   straight = str(tmp_path / "straight")
   run(env, straight, *overrides)
   cut = str(tmp_path / "cut")
-
-  term = interrupt_when(env, cut, overrides, "sft/checkpoints/1", signal.SIGTERM)
-  assert term.returncode == 0 and "SIGTERM: saved the sft checkpoint" in term.stderr, term.stderr
-  assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
-  kill = interrupt_when(env, cut, overrides, "sft/checkpoints/3", signal.SIGKILL)
-  assert kill.returncode == -signal.SIGKILL and not steps_of(cut, "rl")
-  # Ctrl-C saves too. The SIGKILL left the workdir lock behind: it is taken over.
-  sigint = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGINT)
-  assert sigint.returncode == 0, sigint.stderr
-  assert "SIGINT: saved the rl checkpoint" in sigint.stderr, sigint.stderr
-  assert "taking over the lock of pid" in sigint.stderr
-  assert max(steps_of(cut, "rl")) < 4
+  # Every kind of interruption on the default mesh; on the other, the one that loses the most
+  # (SIGKILL mid-RL: it resumes from a checkpoint written on that mesh).
+  full = mesh == "fsdp8"
+  if full:
+    term = interrupt_when(env, cut, overrides, "sft/checkpoints/1", signal.SIGTERM)
+    assert term.returncode == 0 and "SIGTERM: saved the sft checkpoint" in term.stderr, \
+        term.stderr
+    assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
+    kill = interrupt_when(env, cut, overrides, "sft/checkpoints/3", signal.SIGKILL)
+    assert kill.returncode == -signal.SIGKILL and not steps_of(cut, "rl")
+    # Ctrl-C saves too. The SIGKILL left the workdir lock behind: it is taken over.
+    sigint = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGINT)
+    assert sigint.returncode == 0, sigint.stderr
+    assert "SIGINT: saved the rl checkpoint" in sigint.stderr, sigint.stderr
+    assert "taking over the lock of pid" in sigint.stderr
+    assert max(steps_of(cut, "rl")) < 4
   kill = interrupt_when(env, cut, overrides, "rl/checkpoints/3", signal.SIGKILL)
   assert kill.returncode == -signal.SIGKILL
   assert len(records(cut, "rl")) < 4
@@ -108,6 +113,8 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
        open(os.path.join(straight, "eval_table.md")) as g:
     assert f.read() == g.read()
   rl_param_norm = check_checkpoint_shardings(cut, overrides)
+  if not full:
+    return
 
   # `--mode=eval` after RL scores the RL checkpoint: its parameters and its after-RL evaluation.
   proc = run(env, cut, *overrides, "--mode=eval")

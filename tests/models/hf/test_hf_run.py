@@ -1,5 +1,6 @@
 """A Hugging Face checkpoint through the whole trainer, as a user runs it: import (model.init=
-hf:DIR), 3 RL steps on public-format JSON data on the 8 devices, export, and transformers loads
+hf:DIR), 3 RL steps on public-format JSON data on the 8 devices (a JSON evaluation set before
+and after), export, and transformers loads
 the export and computes our logits."""
 import json
 import os
@@ -53,20 +54,25 @@ def test_import_rl_export_and_transformers_loads_it(tmp_path, cli_env):
   source = str(tmp_path / "hf")
   net, tok, processor = tiny_qwen_vl.write("qwen2_5_vl", source)
   data = write_json_set(str(tmp_path / "data"))
+  held = write_json_set(str(tmp_path / "held"), n=6)
   workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
   absent = [f"--config.data.mixture.{t}=0" for t in ("math_reasoning", "spatial_reasoning")]
   run = subprocess.run(
       [sys.executable, "-m", "openvlthinker.main", "--config=configs/qwen2_5_vl.py:tiny",
        f"--config.model.init=hf:{source}", f"--config.data.path={data}", *absent,
-       "--config.rl.steps=3", "--config.eval.num_per_task=1", "--config.eval.every=100",
-       f"--workdir={workdir}",
-       "--mode=rl"], cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=900,
-      check=False)
+       "--config.rl.steps=3", "--config.eval.every=100", "--config.eval.suite=False",
+       f"--config.eval.sets=held:{held}",
+       f"--workdir={workdir}", "--mode=rl"], cwd=ROOT, env=cli_env, capture_output=True,
+      text=True, timeout=900, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "rl: starting from the model.init weights" in run.stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rl = [r for r in map(json.loads, f) if r["stage"] == "rl" and "policy_loss" in r]
   assert [r["step"] for r in rl] == [1, 2, 3]
+  # The JSON evaluation set, before and after RL, through the checkpoint's chat template.
+  for step in (0, 3):
+    with open(os.path.join(workdir, "eval", f"rl_{step}", "summary.json")) as f:
+      assert json.load(f)["sets"]["held"]["problems"] == 6
   # The update's teacher-forced log-probs (images, M-RoPE positions, shared prompt forward) are
   # the sampler's: every importance ratio of the first minibatch is 1.
   for r in rl:
@@ -104,7 +110,6 @@ def test_import_rl_export_and_transformers_loads_it(tmp_path, cli_env):
   ours, _ = jax.jit(lambda s, x, p, i: nnx.merge(ctx.graphdef, s)(x, p, i))(
       nnx.state(model), tokens, positions, jnp.asarray(image[None, None]))
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
-
 
   # `generate` on the run's workdir: its recorded config, newest weights and prompt format (by
   # hand on this run it also gave the export's tokens for the same image and prompt).

@@ -1,0 +1,143 @@
+"""What an evaluation writes: `eval/<point>/<set>.jsonl` (each problem's responses, parsed answers,
+reward parts, accuracy), `summary.json` and `summary.md` across sets, and the per-set accuracy
+over RL steps (`eval/accuracy_over_steps.png`, from every `eval/rl_<step>/summary.json`).
+
+`<point>` names the weights: `rl_<step>` during RL (`rl_0` before the first update), or the label
+of what `--mode=eval` scored (`sft_40`, `rl_120`, `init`, `random`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Sequence
+
+import numpy as np
+
+from openvlthinker import plots
+from openvlthinker.eval import metrics
+from openvlthinker.eval.evaluator import Samples, parsed_answer
+from openvlthinker.eval.sets import Decoding
+
+SUMMARY = "summary.json"
+PLOT = "accuracy_over_steps.png"
+_RL_POINT = re.compile(r"^rl_(\d+)$")
+
+
+def point_name(label: str) -> str:
+  """A directory name for a weights label ('rl@120' → 'rl_120')."""
+  return label.replace("@", "_")
+
+
+def set_summary(samples: Samples, decoding: Decoding) -> dict:
+  """{"problems", "dropped", "overall": metrics, "task_type": {t: metrics}, "problem_type":
+  {p: metrics}, "reward": mean overall reward} of one set (`metrics.summarize`)."""
+  accuracy = samples.parts["accuracy"]
+  passed = accuracy >= decoding.pass_threshold
+  ks = metrics.default_ks(decoding.num_samples)
+  return {
+      "problems": len(samples.problems), "dropped": dict(samples.dropped),
+      "overall": metrics.summarize(accuracy, passed, ks),
+      "reward": float(samples.parts["overall"].mean()),
+      "format": float(samples.parts["format"].mean()),
+      "task_type": metrics.summarize_groups(
+          accuracy, passed, [p["task_type"] for p in samples.problems], ks),
+      "problem_type": metrics.summarize_groups(
+          accuracy, passed, [p["problem_type"] for p in samples.problems], ks),
+  }
+
+
+def write_problems(path: str, samples: Samples, decoding: Decoding) -> None:
+  """One JSON line per problem: what the model said and how each sample scored."""
+  accuracy = samples.parts["accuracy"]
+  with open(path, "w") as f:
+    for i, problem in enumerate(samples.problems):
+      texts = samples.texts[i]
+      row = {"id": problem["uid"], "task_type": problem["task_type"],
+             "problem_type": problem["problem_type"], "answer": problem["answer"],
+             "options": list(problem["options"]), "responses": list(texts),
+             "parsed_answers": [parsed_answer(t) for t in texts],
+             **{m: samples.parts[m][i].tolist() for m in ("accuracy", "overall", "format",
+                                                          "length", "unparsable")},
+             "passed": (accuracy[i] >= decoding.pass_threshold).tolist()}
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def format_summary(summaries: dict[str, dict], decoding: Decoding) -> str:
+  """Markdown: one row per set (mean@K ± 95 %, pass@k, reward), then one per (set, task type)."""
+  k = decoding.num_samples
+  ks = metrics.default_ks(k)
+  how = ("greedy decoding" if decoding.greedy else
+         f"{k} sample{'s' if k > 1 else ''} per problem at temperature {decoding.temperature:g}, "
+         f"top-p {decoding.top_p:g}")
+  head = (f"| set | problems | dropped | mean@{k} ± 95 % | "
+          + " | ".join(f"pass@{j}" for j in ks) + " | reward |")
+  lines = [f"Accuracy per evaluation set ({how}; a sample passes at accuracy ≥ "
+           f"{decoding.pass_threshold:g}):", "", head, "|---" * (4 + len(ks) + 1) + "|"]
+
+  def row(name, count, dropped, m, reward=""):
+    cells = [name, str(count), dropped, f"{m[f'mean@{k}']:.3f} ± {m[f'mean@{k}_ci']:.3f}"]
+    cells += [f"{m[f'pass@{j}']:.3f}" for j in ks] + [reward]
+    return "| " + " | ".join(cells) + " |"
+
+  for name, s in summaries.items():
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(s["dropped"].items())) or "0"
+    lines.append(row(f"**{name}**", s["problems"], dropped, s["overall"], f"{s['reward']:.3f}"))
+    for task, m in s["task_type"].items():
+      lines.append(row(f"{name} / {task}", m["problems"], "", m))
+  return "\n".join(lines) + "\n"
+
+
+def write_point(eval_dir: str, point: str, all_samples: Sequence[Samples], decoding: Decoding,
+                weights: dict | None = None) -> dict[str, dict]:
+  """Writes eval/<point>/ (each set's JSONL, summary.json, summary.md), replacing what an earlier
+  evaluation of the same point wrote; returns the summaries."""
+  final = os.path.join(eval_dir, point)
+  out_dir = final + ".tmp"
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.makedirs(out_dir)
+  summaries = {}
+  for samples in all_samples:
+    write_problems(os.path.join(out_dir, f"{samples.name}.jsonl"), samples, decoding)
+    summaries[samples.name] = set_summary(samples, decoding)
+  record = {"point": point, "weights": weights or {},
+            "decoding": {"num_samples": decoding.num_samples,
+                         "temperature": decoding.temperature, "top_p": decoding.top_p,
+                         "pass_threshold": decoding.pass_threshold},
+            "sets": summaries}
+  with open(os.path.join(out_dir, SUMMARY), "w") as f:
+    json.dump(record, f, indent=1)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(format_summary(summaries, decoding))
+  shutil.rmtree(final, ignore_errors=True)  # a point evaluated again (a resumed run, a rerun)
+  os.replace(out_dir, final)
+  return summaries
+
+
+def history(eval_dir: str) -> dict[str, np.ndarray]:
+  """{set: float64[n, 3] rows (RL step, mean@K, its 95 % half-width)} from eval/rl_*/."""
+  points = []
+  for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else ():
+    match = _RL_POINT.match(name)
+    path = os.path.join(eval_dir, name, SUMMARY)
+    if match and os.path.isfile(path):
+      with open(path) as f:
+        points.append((int(match.group(1)), json.load(f)))
+  out: dict[str, list] = {}
+  for step, record in sorted(points, key=lambda p: p[0]):
+    k = record["decoding"]["num_samples"]
+    for name, s in record["sets"].items():
+      m = s["overall"]
+      out.setdefault(name, []).append((step, m[f"mean@{k}"], m[f"mean@{k}_ci"]))
+  return {name: np.asarray(rows, np.float64) for name, rows in out.items()}
+
+
+def plot_history(eval_dir: str) -> str | None:
+  """eval/accuracy_over_steps.png from the RL points written so far (None before any)."""
+  series = history(eval_dir)
+  if not series:
+    return None
+  path = os.path.join(eval_dir, PLOT)
+  plots.plot_set_accuracy(series, path)
+  return path
