@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (L_min, L_low, L_high, L_max) tokens: each task's declaration (paper scale; the small
   # configs set their own).
   c.rl.length.thresholds = ml_collections.ConfigDict(dict(taxonomy.LENGTH_THRESHOLDS))
+  # DAPO's overlong penalty (train/reward.py:OverlongPenalty): weight · R_over, R_over falling
+  # from 0 at max_new_tokens − cache_length tokens to −1 at max_new_tokens.
+  c.rl.overlong = ml_collections.ConfigDict(dict(enabled=False, cache_length=256, weight=1.0))
   # shaping.EntropyShapingConfig; estimator 'exact' or 'sampled_token' (-log π(y)); bounds per task
   # from the task declarations.
   c.rl.entropy = _defaults(shaping.EntropyShapingConfig, exclude=("h_min", "h_max", "num_tasks"))
@@ -332,6 +335,8 @@ def _rl(c):
   _built("rl.entropy", lambda: build_entropy(c))
   from openvlthinker.train.reward import LengthShaping  # pylint: disable=g-import-not-at-top
   _built("rl.length", lambda: LengthShaping.from_config(r.length, r.sampler.max_new_tokens))
+  from openvlthinker.train.reward import OverlongPenalty  # pylint: disable=g-import-not-at-top
+  _built("rl.overlong", lambda: OverlongPenalty.from_config(r.overlong, r.sampler.max_new_tokens))
   _check(0.0 <= r.filter.low < r.filter.high <= 1.0, "rl.filter.low",
          f"0 <= low < rl.filter.high={r.filter.high}", r.filter.low)
   _positive(c, "rl.filter.max_tries")

@@ -1,6 +1,7 @@
 """Policy losses (REFERENCE §4) as deferred (numerator, denominator) reductions, with metrics.
 
-Owns the registry of per-token policy losses (`ppo_dual_clip`), the optional k3 KL penalty to a
+Owns the registry of per-token policy losses (`ppo_dual_clip`, `gspo`, `cispo`; REFERENCE §4,
+"Other policy losses"), the optional k3 KL penalty to a
 reference policy, the aggregation modes, and the metrics of one micro-batch. Gradient accumulation
 stays exact: sum the numerators and the denominators of the micro-batches, divide once
 (`loss_value`); metrics come as sums, counts, minima and maxima that `accumulate_metrics` combines
@@ -26,9 +27,12 @@ class PolicyLossConfig:
   """Defaults are the public code's (REFERENCE §4).
 
   Attributes:
-    name: a registered per-token loss.
+    name: a registered per-token loss: "ppo_dual_clip" (the public code's), "gspo" (sequence-level
+      ratio; needs aggregation "seq_mean_token_mean", and the GSPO paper's clips are ~3e-4 / 4e-4)
+      or "cispo" (clipped, stop-gradient importance weight on log π_θ; only clip_high applies).
     clip_low, clip_high: ε_low, ε_high of the ratio clip [1 - ε_low, 1 + ε_high].
-    dual_clip: c of the dual clip for A < 0 (the loss is capped at -A·c); None turns it off.
+    dual_clip: c of the dual clip for A < 0 (the loss is capped at -A·c; ppo_dual_clip only);
+      None turns it off.
     log_ratio_clamp: log π_θ - log π_old is clipped to ±this before exponentiating.
     aggregation: "token_mean" (mean over all response tokens of the optimizer minibatch),
       "seq_mean_token_mean" (the paper's mean over sequences of per-sequence token means) or
@@ -57,6 +61,9 @@ class PolicyLossConfig:
     check(self.log_ratio_clamp > 0, "log_ratio_clamp", "a number > 0", self.log_ratio_clamp)
     check(self.aggregation in AGGREGATIONS, "aggregation", f"one of {AGGREGATIONS}",
           self.aggregation)
+    check(self.name != "gspo" or self.aggregation == "seq_mean_token_mean", "aggregation",
+          "'seq_mean_token_mean' with name='gspo' (its loss is a mean over sequences)",
+          self.aggregation)
     check(self.fixed_length is None or positive_int(self.fixed_length), "fixed_length",
           "None or a positive integer", self.fixed_length)
     check(self.kl_coef >= 0, "kl_coef", "a number >= 0", self.kl_coef)
@@ -65,23 +72,50 @@ class PolicyLossConfig:
 
 # ---------------------------------------------------------------------------------- registry
 
-TokenLossFn = Callable[[jax.Array, jax.Array, PolicyLossConfig], jax.Array]
-# fn(log_ratio float32[B, L], advantages float32[B, 1], cfg) -> float32[B, L].
+TokenLossFn = Callable[[jax.Array, jax.Array, jax.Array, PolicyLossConfig], jax.Array]
+# fn(log_ratio float32[B, L], advantages float32[B, 1] or [B, L], mask float32[B, L], cfg)
+#   -> float32[B, L]; log_ratio = log π_θ - log π_old (clamped), differentiable through log π_θ.
 _POLICY_LOSSES: Registry[TokenLossFn] = Registry("policy loss")
 register_policy_loss = _POLICY_LOSSES.register
 policy_losses = _POLICY_LOSSES.names
 
 
+def _clipped(log_ratio, cfg):
+  """r̂ = exp(clip(Δ, ln(1 - ε_low), ln(1 + ε_high)))."""
+  return jnp.exp(jnp.clip(log_ratio, math.log1p(-cfg.clip_low), math.log1p(cfg.clip_high)))
+
+
 @register_policy_loss("ppo_dual_clip")
-def ppo_dual_clip(log_ratio, advantages, cfg):
+def ppo_dual_clip(log_ratio, advantages, mask, cfg):
   """max(-A·r, -A·r̂), and for A < 0 also capped at -A·c (REFERENCE §4)."""
+  del mask
   ratio = jnp.exp(log_ratio)
-  clipped_ratio = jnp.exp(jnp.clip(log_ratio, math.log1p(-cfg.clip_low),
-                                   math.log1p(cfg.clip_high)))
-  loss = jnp.maximum(-advantages * ratio, -advantages * clipped_ratio)
+  loss = jnp.maximum(-advantages * ratio, -advantages * _clipped(log_ratio, cfg))
   if cfg.dual_clip is not None:
     loss = jnp.where(advantages < 0, jnp.minimum(loss, -advantages * cfg.dual_clip), loss)
   return loss
+
+
+@register_policy_loss("gspo")
+def gspo(log_ratio, advantages, mask, cfg):
+  """GSPO: s_i = exp(mean of Δ over i's response tokens); -min(s_i·A_i, clip(s_i)·A_i) on each
+  of i's tokens, so "seq_mean_token_mean" averages it over sequences. A is per sequence."""
+  seq_log_ratio = (jnp.sum(log_ratio * mask, axis=1, keepdims=True)
+                   / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0))
+  adv = jnp.sum(advantages * mask, axis=1, keepdims=True) / jnp.maximum(
+      mask.sum(axis=1, keepdims=True), 1.0)  # a per-token advantage: its sequence mean
+  seq = jnp.maximum(-adv * jnp.exp(seq_log_ratio), -adv * _clipped(seq_log_ratio, cfg))
+  return jnp.broadcast_to(seq, log_ratio.shape)
+
+
+@register_policy_loss("cispo")
+def cispo(log_ratio, advantages, mask, cfg):
+  """CISPO: -sg(min(r, 1 + ε_high))·A·log π_θ. Written on Δ = log π_θ - log π_old, which has the
+  same gradient (log π_old is a constant); the value is then 0 at r = 1 (offset from the paper's
+  by sg(w)·A·log π_old)."""
+  del mask
+  weight = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_ratio), 1.0 + cfg.clip_high))
+  return -weight * advantages * log_ratio
 
 
 # --------------------------------------------------------------------------------- the loss
@@ -131,7 +165,7 @@ def policy_loss(new_logp, old_logp, advantages, mask, cfg: PolicyLossConfig, *, 
     raise ValueError(f"ref_logp: required when kl_coef > 0 (got kl_coef={cfg.kl_coef})")
 
   log_ratio = jnp.clip(new_logp - old_logp, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-  token_loss = _POLICY_LOSSES.get(cfg.name)(log_ratio, advantages, cfg)
+  token_loss = _POLICY_LOSSES.get(cfg.name)(log_ratio, advantages, mask, cfg)
   metrics = {}
   if cfg.kl_coef > 0:
     ref_logp = jax.lax.stop_gradient(_check("ref_logp", ref_logp, (b, length), jnp.float32))

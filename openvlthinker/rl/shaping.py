@@ -150,6 +150,14 @@ def length_reward(lengths, task_ids, thresholds):
   return trapezoid(lengths, *(per_row[:, i] for i in range(4)))
 
 
+def overlong_penalty(lengths, max_length: int, cache_length: int):
+  """DAPO's soft overlong penalty R_over, float32[B]: 0 up to L_max − L_c tokens, then linear down
+  to −1 at L_max (the generation limit, where a response that never stopped ends), −1 beyond."""
+  x = jnp.asarray(lengths, jnp.float32)
+  start = max_length - cache_length
+  return jnp.where(x <= start, 0.0, jnp.where(x <= max_length, (start - x) / cache_length, -1.0))
+
+
 class LengthStats(NamedTuple):
   """Running per-task statistics: decayed counts of correct-response lengths, float32[T, K]."""
   hist: jax.Array

@@ -28,6 +28,8 @@ class RolloutBatch:
     length_reward float32[B]; advantages float32[B] (zero until estimated, and on invalid rows).
   valid bool[B]: the row's group passed the filter (invalid rows fill the static shape only).
   ref_logprobs float32[B, Lr] or None: the reference policy's, when a KL term is on.
+  overlong_penalty float32[B] or None: the weighted DAPO overlong term inside `reward` (zeros when
+    it is off; None for batches not made by a rollout).
   """
   sequence_tokens: Any
   sequence_positions: Any
@@ -49,6 +51,7 @@ class RolloutBatch:
   advantages: Any
   valid: Any
   ref_logprobs: Any = None
+  overlong_penalty: Any = None
   response_start: int = flax.struct.field(pytree_node=False, default=0)
 
   @property

@@ -61,6 +61,8 @@ def rollout_metrics(batch: RolloutBatch, sampled: dict[str, np.ndarray],
   if length_shaping:
     out.update(per_task("length_reward", per_task_means(
         {"r": batch.length_reward}, batch.task_ids, len(T), batch.valid)["r"]))
+  if batch.overlong_penalty is not None and np.any(batch.overlong_penalty != 0):
+    out["overlong_penalty/mean"] = float(np.mean(batch.overlong_penalty[batch.valid]))
   token_entropy = ((batch.entropies * batch.response_mask).sum(1)
                    / np.maximum(batch.lengths, 1))
   out.update(per_task("entropy", per_task_means(

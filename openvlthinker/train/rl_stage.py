@@ -31,7 +31,7 @@ from openvlthinker.train import loop, rl, rl_metrics
 from openvlthinker.train import rollout as rollout_lib
 from openvlthinker.train.batch import RolloutBatch
 from openvlthinker.train.context import Context, task_key_ids
-from openvlthinker.train.reward import LengthShaping, TrainingReward
+from openvlthinker.train.reward import LengthShaping, OverlongPenalty, TrainingReward
 from openvlthinker.train.state import (TrainState, create_train_state, make_optimizer,
                                        train_state_shardings)
 
@@ -58,7 +58,8 @@ class RLStage:
     self.sampler = Sampler(ctx.graphdef, self.sampler_config, ctx.sharder)
     self.loss_config = configuration.build_loss(c)
     self.entropy = configuration.build_entropy(c)
-    self.reward = TrainingReward(LengthShaping.from_config(r.length, r.sampler.max_new_tokens))
+    self.reward = TrainingReward(LengthShaping.from_config(r.length, r.sampler.max_new_tokens),
+                                 OverlongPenalty.from_config(r.overlong, r.sampler.max_new_tokens))
     self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
     self.state_shardings = train_state_shardings(ctx.initial_params, self.tx, ctx.sharder,

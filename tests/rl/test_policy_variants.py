@@ -1,0 +1,112 @@
+"""GSPO, CISPO and DAPO's overlong penalty against direct numpy implementations of their formulas
+(REFERENCE §4, "Other policy losses"), values and gradients."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openvlthinker.fields import FieldError
+from openvlthinker.rl import losses, shaping
+from openvlthinker.train.reward import LengthShaping, OverlongPenalty, TrainingReward
+
+GSPO = losses.PolicyLossConfig(name="gspo", clip_low=3e-3, clip_high=4e-3,
+                               aggregation="seq_mean_token_mean")
+CISPO = losses.PolicyLossConfig(name="cispo", clip_high=0.2)
+
+
+def batch(seed, b=12, length=7, spread=0.01):
+  rng = np.random.default_rng(seed)
+  old = -rng.random((b, length)).astype(np.float32) * 3
+  new = (old + rng.normal(0, spread, (b, length))).astype(np.float32)
+  adv = rng.normal(size=b).astype(np.float32)
+  lengths = rng.integers(1, length + 1, b)
+  lengths[-1] = 0  # a row without response tokens counts nowhere
+  mask = np.arange(length)[None] < lengths[:, None]
+  return new, old, adv, mask
+
+
+def value_and_grad(cfg, new, old, adv, mask):
+  def f(n):
+    out = losses.policy_loss(n, old, adv, mask, cfg)
+    return losses.loss_value(out.numerator, out.denominator)
+  v, g = jax.value_and_grad(f)(jnp.asarray(new))
+  return float(v), np.asarray(g, np.float64)
+
+
+def numpy_gspo(new, old, adv, mask, lo, hi):
+  """(loss, d loss / d new) of GSPO: -min(s·A, clip(s)·A) averaged over sequences, s the
+  exponentiated mean log-ratio of each sequence's tokens."""
+  m = mask.astype(np.float64)
+  n = m.sum(1)
+  rows = n > 0
+  s = np.exp(((new.astype(np.float64) - old) * m).sum(1) / np.maximum(n, 1))
+  a = adv.astype(np.float64)
+  per_seq = -np.minimum(s * a, np.clip(s, 1 - lo, 1 + hi) * a)
+  loss = per_seq[rows].mean()
+  # The unclipped term is the one chosen unless the clip binds on the side that caps A's gain.
+  live = ~(((a > 0) & (s > 1 + hi)) | ((a < 0) & (s < 1 - lo)))
+  grad = np.where((live & rows)[:, None], -a[:, None] * s[:, None] * m / np.maximum(n, 1)[:, None],
+                  0.0) / rows.sum()
+  return loss, grad
+
+
+@pytest.mark.parametrize("seed,spread", [(0, 0.001), (1, 0.01), (2, 0.05)])
+def test_gspo_equals_its_formula(seed, spread):
+  new, old, adv, mask = batch(seed, spread=spread)
+  v, g = value_and_grad(GSPO, new, old, adv, mask)
+  want_v, want_g = numpy_gspo(new, old, adv, mask, GSPO.clip_low, GSPO.clip_high)
+  assert v == pytest.approx(want_v, rel=1e-5, abs=1e-7)
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+  if spread == 0.05:  # wide enough that some sequences sit beyond the clip, others inside
+    s = np.exp(((new - old) * mask).sum(1) / np.maximum(mask.sum(1), 1))
+    assert np.any(np.abs(s - 1) > 4e-3) and np.any(np.abs(s - 1) < 3e-3)
+
+
+def test_gspo_needs_the_sequence_mean():
+  with pytest.raises(FieldError, match="aggregation.*gspo"):
+    dataclasses.replace(GSPO, aggregation="token_mean")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cispo_equals_its_formula_with_a_stop_gradient_weight(seed):
+  new, old, adv, mask = batch(seed, spread=0.4)  # many ratios beyond 1 + ε_high
+  v, g = value_and_grad(CISPO, new, old, adv, mask)
+  m = mask.astype(np.float64)
+  delta = new.astype(np.float64) - old
+  w = np.minimum(np.exp(delta), 1 + CISPO.clip_high)
+  a = adv.astype(np.float64)[:, None]
+  assert v == pytest.approx((-w * a * delta * m).sum() / m.sum(), rel=1e-5)
+  # d/d log π_θ of -sg(w)·A·log π_θ is -w·A: the weight carries no gradient, and a clipped token
+  # still has one (unlike PPO's clip).
+  np.testing.assert_allclose(g, -w * a * m / m.sum(), rtol=1e-4, atol=1e-8)
+  assert np.any((np.exp(delta) > 1 + CISPO.clip_high) & mask & (np.abs(g) > 0))
+
+
+def test_overlong_penalty_equals_dapos_formula():
+  l_max, cache = 100, 20
+  lengths = np.arange(0, 111)
+  got = np.asarray(shaping.overlong_penalty(lengths, l_max, cache))
+  want = np.array([0.0 if x <= l_max - cache else
+                   (l_max - cache - x) / cache if x <= l_max else -1.0 for x in lengths])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert got[80] == 0 and got[90] == pytest.approx(-0.5) and got[100] == -1
+
+
+def test_the_training_reward_adds_the_weighted_overlong_penalty():
+  from configs import test as test_config
+  c = test_config.get_config()
+  length = LengthShaping.from_config(c.rl.length, 16)
+  scores = {"accuracy": np.array([1.0, 1.0, 0.0, 1.0], np.float32),
+            "format": np.ones(4, np.float32), "structure": np.full(4, 0.5, np.float32)}
+  lengths, tasks = np.array([4, 12, 14, 16]), np.zeros(4, np.int32)
+  plain = TrainingReward(length)(scores, lengths, tasks, length.static)
+  on = TrainingReward(length, OverlongPenalty(True, cache_length=8, weight=0.5, max_length=16))
+  shaped = on(scores, lengths, tasks, length.static)
+  np.testing.assert_allclose(shaped["overlong_penalty"], 0.5 * np.array([0, -0.5, -0.75, -1]))
+  np.testing.assert_allclose(shaped["reward"], plain["reward"] + shaped["overlong_penalty"],
+                             atol=1e-6)
+  assert not np.any(plain["overlong_penalty"])
+  with pytest.raises(FieldError, match="cache_length"):
+    OverlongPenalty(True, cache_length=32, max_length=16)
