@@ -51,8 +51,31 @@ def ref_rloo(x) -> np.ndarray:
   return np.zeros(n) if n < 2 else x - (x.sum() - x) / (n - 1)
 
 
-# Estimator name → fn(rewards, group_ids, task_ids, valid) -> float64[B].
+def ref_gdpo(rewards, groups, tasks, valid, *, parts, lengths) -> np.ndarray:
+  """GRPO of each reward part per group, summed, whitened over the valid tokens (length-weighted
+  mean and population std, + 1e-6)."""
+  summed = sum(per_segment(ref_grpo, np.asarray(parts, np.float64)[:, k], groups, valid)
+               for k in range(np.shape(parts)[1]))
+  w = np.where(valid, np.asarray(lengths, np.float64), 0.0)
+  total = max(w.sum(), 1.0)
+  mean = (w * summed).sum() / total
+  std = np.sqrt((w * (summed - mean) ** 2).sum() / total)
+  return np.where(valid, (summed - mean) / (std + 1e-6), 0.0)
+
+
+def ref_gs_gdpo(rewards, groups, tasks, valid, *, parts, lengths, decimals: int = 9) -> np.ndarray:
+  """Q of each reward part per group, summed, then Q per task (float64 noise rounded away)."""
+  del lengths
+  summed = sum(per_segment(ref_q, np.asarray(parts, np.float64)[:, k], groups, valid)
+               for k in range(np.shape(parts)[1]))
+  return per_segment(ref_q, np.round(summed, decimals), tasks, valid)
+
+
+# Estimator name → fn(rewards, group_ids, task_ids, valid[, *, parts, lengths]) -> float64[B]
+# (the keywords for the estimators of the reward's parts).
 REFERENCES = {
+    "gdpo": ref_gdpo,
+    "gs_gdpo": ref_gs_gdpo,
     "g2rpo": ref_g2rpo,
     "g2rpo_group": lambda r, g, t, v: per_segment(ref_q, r, g, v),
     "grpo": lambda r, g, t, v: per_segment(ref_grpo, r, g, v),

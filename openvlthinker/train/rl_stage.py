@@ -60,7 +60,7 @@ class RLStage:
     self.entropy = configuration.build_entropy(c)
     self.reward = TrainingReward(LengthShaping.from_config(r.length, r.sampler.max_new_tokens),
                                  OverlongPenalty.from_config(r.overlong, r.sampler.max_new_tokens))
-    self.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(r.advantage))
+    self.advantage_fn = jax.jit(advantages_lib.batch_estimator(r.advantage))
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
     self.state_shardings = train_state_shardings(ctx.initial_params, self.tx, ctx.sharder,
                                                  self.reward.init_stats())
@@ -108,7 +108,10 @@ class RLStage:
     # Dense task ids in [0, B), the estimators' contract (a task or problem-type id can exceed a
     # small batch); the stage-2 grouping by equal key is unchanged.
     _, task_ids = np.unique(batch.task_keys, return_inverse=True)
-    adv = self.advantage_fn(batch.reward, group_ids, task_ids.astype(np.int32), batch.valid)
+    # The reward's parts, for the estimators that normalise each separately (GDPO, GS-GDPO).
+    parts = np.stack([batch.accuracy, batch.format, batch.structure], axis=1)
+    adv = self.advantage_fn(batch.reward, group_ids, task_ids.astype(np.int32), batch.valid,
+                            parts=parts, lengths=batch.lengths)
     return batch.replace(advantages=np.asarray(adv, np.float32))
 
   def updates(self, state: TrainState, batch: RolloutBatch, ref_params

@@ -276,3 +276,78 @@ def test_sharded_batch_gives_same_result(name):
   sharded = [jax.device_put(a, sharding) for a in args]
   assert sharded[0].addressable_shards[0].data.shape == (b // 8,)
   np.testing.assert_allclose(np.asarray(fn(*sharded)), want, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------- estimators of the reward's parts
+
+
+@st.composite
+def part_batches(draw):
+  """`batches` with three reward parts per row (accuracy, format, structure: discrete, as the
+  scorer gives them) and response lengths."""
+  b = draw(batches(discrete_only=True))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+  b["parts"] = np.stack([np.where(np.isnan(b["rewards"]), 0.0, b["rewards"]),
+                         rng.integers(0, 2, B_PAD), rng.integers(0, 2, B_PAD) * 0.5],
+                        axis=1).astype(np.float32)
+  b["lengths"] = rng.integers(1, 200, B_PAD).astype(np.int32)
+  return b
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=part_batches())
+def test_gdpo_matches_numpy_loop(b):
+  assert adv.uses_reward_parts("gdpo")
+  kw = dict(parts=b["parts"], lengths=b["lengths"])
+  want = advantage_reference.ref_gdpo(b["rewards"], b["groups"], b["tasks"], b["valid"], **kw)
+  got = np.asarray(_jitted_estimator("gdpo")(b["rewards"], b["groups"], b["tasks"], b["valid"],
+                                             **kw))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(got[~b["valid"]] == 0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=part_batches())
+def test_gs_gdpo_stages_match_numpy_loops(b):
+  """Stage 1 (per part Q in each group, summed) against numpy; stage 2 is numpy's Q of those
+  float32 sums within each task (their ties as float32 has them: see `_exact_sum`)."""
+  kw = dict(parts=b["parts"], lengths=b["lengths"])
+  sums = np.asarray(jax.jit(adv.gs_gdpo_group_sums)(b["parts"], b["groups"], b["valid"]))
+  want_sums = sum(ref_segments(ref_q, b["parts"][:, k].astype(np.float64), b["groups"],
+                               b["valid"]) for k in range(3))
+  np.testing.assert_allclose(sums, want_sums, atol=1e-5)
+  got = np.asarray(_jitted_estimator("gs_gdpo")(b["rewards"], b["groups"], b["tasks"],
+                                                b["valid"], **kw))
+  want = ref_segments(ref_q, sums.astype(np.float64), b["tasks"], b["valid"])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(got[~b["valid"]] == 0)
+
+
+def test_gs_gdpo_sums_permuted_parts_to_the_same_bits():
+  """Rows whose mapped parts are the same values in another order tie exactly in stage 2."""
+  x = np.float32([[0.1, 0.7, -1.3], [-1.3, 0.1, 0.7], [0.7, -1.3, 0.1], [0.3, -0.3, 0.2]])
+  s = np.asarray(adv._exact_sum(jnp.asarray(x)))  # pylint: disable=protected-access
+  assert s[0] == s[1] == s[2] and s[3] == np.float32(0.2)
+
+
+def test_part_estimators_normalise_each_part_separately():
+  """Two groups whose summed reward is the same ranking: per part normalisation differs from
+  normalising the sum (a format point weighs as much as an accuracy point)."""
+  parts = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], np.float32)
+  groups, tasks, lengths = np.zeros(4, np.int32), np.zeros(4, np.int32), np.full(4, 10)
+  reward = parts.sum(1) * np.array([0.9, 0.1, 0.5]).sum()  # any reward: GDPO does not read it
+  got = adv.gdpo_advantages(reward, groups, tasks, parts=parts, lengths=lengths)
+  # Each part: (x - 0.5) / (std 0.577 + 1e-6) over the group; rows 0 and 1 are then equal.
+  assert float(got[0]) == pytest.approx(float(got[1]), abs=1e-6)
+  assert float(got[3]) > float(got[0]) > float(got[2])
+  bad = jnp.zeros((3, 3))
+  with pytest.raises(ValueError, match="parts"):
+    adv.gdpo_advantages(reward, groups, tasks, parts=bad, lengths=lengths)
+
+
+def test_batch_estimator_has_one_signature():
+  r, g, t = np.array([0.0, 1.0, 1.0, 0.0]), np.array([0, 0, 1, 1]), np.zeros(4, np.int32)
+  kw = dict(parts=np.zeros((4, 3), np.float32), lengths=np.ones(4, np.int32))
+  np.testing.assert_array_equal(adv.batch_estimator("grpo")(r, g, t, None, **kw),
+                                adv.grpo_advantages(r, g, t))
+  assert not adv.uses_reward_parts("g2rpo")

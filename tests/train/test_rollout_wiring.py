@@ -248,7 +248,7 @@ def test_rl_stage_advantages_use_groups_of_g_consecutive_rows():
   # Groups 0 and 1 share a task key, so stage 2 mixes two groups; rows b % G would be other groups.
   b = out.batch.replace(task_keys=np.repeat([0, 0, 2], G).astype(np.int32))
   stage = types.SimpleNamespace(c=types.SimpleNamespace(rl=types.SimpleNamespace(group_size=G)),
-                                advantage_fn=jax.jit(advantages_lib.g2rpo_advantages))
+                                advantage_fn=jax.jit(advantages_lib.batch_estimator("g2rpo")))
   got = RLStage.advantages(stage, b).advantages
   want = ref_g2rpo(b.reward.astype(np.float64), np.arange(b.size) // G, b.task_keys, b.valid)
   assert np.abs(want).max() > 0.5
@@ -339,7 +339,7 @@ def test_rl_stage_advantages_with_fewer_rows_than_task_ids():
       reward_fn=lambda s, l, t: reward(s, l, t, thresholds),
       task_key_fn=lambda problem_types, task_ids: np.full_like(task_ids, 5))  # ocr
   stage = types.SimpleNamespace(c=types.SimpleNamespace(rl=types.SimpleNamespace(group_size=G)),
-                                advantage_fn=jax.jit(advantages_lib.g2rpo_advantages))
+                                advantage_fn=jax.jit(advantages_lib.batch_estimator("g2rpo")))
   b = out.batch
   assert b.size == G and (b.task_keys == 5).all()
   got = RLStage.advantages(stage, b).advantages

@@ -152,7 +152,7 @@ def test_reference_worked_examples():
 @pytest.mark.parametrize("name", advantages_lib.advantage_estimators())
 def test_rl_steps_solve_the_toy_task(toy, name):
   stage, params, minibatches, rollouts = toy
-  stage.advantage_fn = jax.jit(advantages_lib.get_advantage_estimator(name))
+  stage.advantage_fn = jax.jit(advantages_lib.batch_estimator(name))
   state = stage.initial_state(params)
   before = expected_accuracy(first_token_probs(stage, params))
   data = prompt_batches(seed=1)
@@ -180,7 +180,10 @@ def test_rl_steps_solve_the_toy_task(toy, name):
     np.testing.assert_allclose(rows.reward, reward_of(acc), atol=1e-6)
     # The advantages trained on are the estimator's over the rollout: groups of G rows, by task.
     groups = np.arange(P * G) // G
-    want = REFERENCES[name](rows.reward.astype(np.float64), groups, rows.task_keys, rows.valid)
+    parts = ({"parts": np.stack([rows.accuracy, rows.format, rows.structure], 1),
+              "lengths": rows.lengths} if advantages_lib.uses_reward_parts(name) else {})
+    want = REFERENCES[name](rows.reward.astype(np.float64), groups, rows.task_keys, rows.valid,
+                            **parts)
     np.testing.assert_allclose(rows.advantages, want, rtol=1e-5, atol=1e-5)
     assert np.abs(want).max() > 0.1  # the rollout had a learning signal
 
