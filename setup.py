@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "numpy>=1.26",
     "sympy>=1.12",
+    # The default math grader (rl/math_verify_grader.py); it brings latex2sympy2_extended and
+    # the antlr4 runtime its LaTeX parser is generated for.
+    "math-verify>=0.9,<0.10",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
     # Hugging Face checkpoints and tokenizers (models/hf/); numpy-only, no torch.

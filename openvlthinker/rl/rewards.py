@@ -19,8 +19,9 @@ Answer normalisation decisions (REFERENCE §2 leaves them open):
 - spatial grounding: JSON {"boxes": [x1, y1, x2, y2]} (or one nested box [[...]]); finite numbers,
   booleans rejected, NaN / Infinity rejected; IoU is 0 unless x2 > x1 and y2 > y1.
 - open-ended: unigram F1 of lower-cased word tokens.
-- math: symbolic equivalence (math_equiv); a truth the parser cannot read (an interval, a set)
-  still matches a verbatim answer, so any truth with content is usable.
+- math: MATH_CHECK (math_verify_grader.check: math_equiv's exact check, then math-verify for free
+  text, tuples, intervals, sets, units and percentages); a truth neither reads still matches a
+  verbatim answer, so any truth with content is usable.
 """
 import json
 import math
@@ -32,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from openvlthinker import taxonomy
-from openvlthinker.rl import math_equiv
 from openvlthinker.rl import math_parse
+from openvlthinker.rl import math_verify_grader
 
 W_FMT = 0.1
 STRUCTURE_BONUS = 0.5
@@ -335,9 +336,15 @@ def _ocr(pred: str, ref: list[str], fields: dict) -> tuple[float, str]:
   return float(np.clip(1.0 - word_error_rate(hyp, ref), 0.0, 1.0)), ""
 
 
+# The math grader, chosen here only: (pred, truth) -> (equivalent, reason), never raising. The
+# alternatives are math_equiv.check (hand-written) and math_verify_grader.check_math_verify
+# (math-verify alone); tests/rl/test_math_labels.py measures all three on a labelled set.
+MATH_CHECK: Callable[[str, str], tuple[bool, str]] = math_verify_grader.check
+
+
 @register_reward("math", _math_truth)
 def _math(pred: str, truth: str, fields: dict) -> tuple[float, str]:
-  same, reason = math_equiv.check(pred, truth)
+  same, reason = MATH_CHECK(pred, truth)
   return float(same), "unparsable answer" if reason == "unparsable" else reason
 
 

@@ -1,4 +1,5 @@
 """Math answer equivalence: LaTeX normalisation, exactness, bounds and the per-call deadline."""
+import json
 import sys
 import threading
 import time
@@ -116,3 +117,38 @@ def test_results_agree_across_threads():
   for t in threads:
     t.join()
   assert got == serial and serial.count(False) == 4
+
+
+def test_deadline_passes_events_on_to_a_previous_tracer():
+  # A coverage tool's tracer stays in charge inside the block, so code under a deadline (all
+  # of math-verify's) is still measured.
+  events = []
+
+  def target():
+    value = 1
+    return value + 1
+
+  def local(frame, event, arg):
+    if frame.f_code is target.__code__:
+      events.append(event)
+    return local
+
+  before = sys.gettrace()
+  sys.settrace(local)
+  try:
+    with math_equiv.deadline(10.0):
+      target()
+  finally:
+    sys.settrace(before)
+  assert events[0] == "call" and "line" in events and events[-1] == "return", events
+
+
+def test_deadline_interrupts_only_the_named_modules():
+  calls = []
+  with pytest.raises(BaseException) as info:
+    with math_equiv.deadline(0.0, modules=("json",)):
+      sympy.Integer(2) + sympy.Symbol("y")
+      calls.append(1)
+      json.JSONEncoder().encode({"a": 1})
+  assert calls == [1] and type(info.value).__name__ == "_Timeout"
+  assert math_equiv.Timeout is type(info.value)

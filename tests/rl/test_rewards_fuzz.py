@@ -2,23 +2,32 @@
 
 Each hypothesis example draws an answer body and scores it in _VARIANTS wrappings (bare, well
 formed, unclosed, nested, doubled, answer-only), so 1700 examples are 10 200 scored strings per
-problem type. 100 KB adversarial strings get their own test, with a time bound that a quadratic
-parser would miss by orders of magnitude.
+problem type, timed: the 99th percentile must stay within P99_S of CPU time (thread time, which
+other processes' load does not inflate; TRACED_P99_S under coverage), and no call may hang. The
+math bodies include what reaches math-verify's parser and sympy (binomials, factorials, towers
+of powers, sums, sets, intervals, free text). 100 KB adversarial strings get their own test,
+with a time bound that a quadratic parser would miss by orders of magnitude.
 """
 import json
 import math
 import re
+import sys
 import time
 
 import hypothesis
+import numpy as np
 import pytest
 from hypothesis import strategies as st
 
 from openvlthinker import taxonomy
+from openvlthinker.rl import math_verify_grader
 from openvlthinker.rl import rewards
 
 SPEC = re.compile(rewards.FORMAT_PATTERN, re.DOTALL)
 EXAMPLES = 1700
+P99_S = 0.010
+TRACED_P99_S = 0.030  # under a tracer (make test's coverage), which the math deadline chains to
+MAX_CALL_S = 2.0  # wall clock: the math deadline (0.5 s) and then some, on a loaded machine
 _VARIANTS = (
     "{b}",
     "<thinking>t</thinking><answer>{b}</answer>",
@@ -46,7 +55,11 @@ _NUMBERS = st.one_of(
 _MATH = st.lists(st.sampled_from(
     ["\\frac", "\\dfrac", "{", "}", "x", "^", "2", "(", ")", "\\sqrt", "[", "]", "+", "-", "*",
      "/", "pi", "\\pi", "e", "=", ",", "1.5", "9^9", "\\boxed{", "\\left(", "\\right)", "\\text{",
-     "cm", "$", "\\cdot", "sin", "0", "10^{100}", "!", "%", " ", "\\infty", "i", "ln"]),
+     "cm", "$", "\\cdot", "sin", "0", "10^{100}", "!", "%", " ", "\\infty", "i", "ln",
+     # What math-verify reads, and what would make latex2sympy or sympy compute for minutes.
+     "\\binom{", "\\Gamma(", "\\operatorname{zeros}(", "999999", "\\sqrt[", "\\{", "\\}", "<",
+     "\\in", "\\cup", "\\sum_{k=1}^", "\\int", "\\det", "answer is ", "\\%", "^\\circ", "(1, 2]",
+     "e^{", "x=", "1e3"]),
     max_size=24).map("".join)
 _JSON = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
@@ -92,6 +105,8 @@ def _check(out, response, spec=True):
 @pytest.mark.parametrize("problem_type", [p for p in taxonomy.PROBLEM_TYPES])
 def test_scoring_never_raises_on_fuzzed_responses(problem_type):
   truth, fields = TRUTHS[problem_type]
+  math_verify_grader.warm_up()  # once per process: sympy's lazy imports, antlr's caches
+  cpu, wall = [], []
 
   @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None,
                        suppress_health_check=list(hypothesis.HealthCheck))
@@ -99,9 +114,17 @@ def test_scoring_never_raises_on_fuzzed_responses(problem_type):
   def run(body):
     for variant in _VARIANTS:
       response = variant.replace("{b}", body)
-      _check(rewards.score(response, truth, problem_type, **fields), response)
+      start, start_cpu = time.perf_counter(), time.thread_time()
+      out = rewards.score(response, truth, problem_type, **fields)
+      cpu.append(time.thread_time() - start_cpu)
+      wall.append(time.perf_counter() - start)
+      _check(out, response)
 
   run()
+  assert len(cpu) >= 10_000
+  p99 = np.percentile(cpu, 99)
+  assert p99 <= (TRACED_P99_S if sys.gettrace() else P99_S), p99
+  assert max(wall) <= MAX_CALL_S, max(wall)
 
 
 def _large_cases():
@@ -118,6 +141,8 @@ def _large_cases():
       "unicode": ("<thinking>" + "\u2003\u00e9\U0001f408" * (n // 3)
                   + "</thinking><answer>1</answer>"),
       "near-miss tags": "<thinking" * (n // 9) + "</answer" * (n // 9),
+      "long boxed math": "<answer>" + "\\boxed{" * (n // 7) + "</answer>",
+      "long delimited math": "<answer>" + "$1$ and " * (n // 8) + "</answer>",
   }
 
 
