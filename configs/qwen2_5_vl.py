@@ -10,6 +10,13 @@ processor): the architecture, weights, tokenizer, chat template and image normal
 from it. Images are resized to 448×448 (16×16 = 256 image tokens each, up to 4 per prompt).
 bfloat16 compute, float32 parameters and AdamW state, remat, FSDP over all chips.
 
+Sized for a v5p-64 (32 chips, 95 GB each; `python -m openvlthinker.plan
+--config=configs/qwen2_5_vl.py:7b --chip=v5p-64`): the paper's 512 × 8 rollout, and the update
+split over `tensor` (heads, MLP, vocabulary: 2 for the 3B, whose 2 kv heads allow no more, 4 for
+the 7B) with micro-batches of one prompt group per fsdp shard. With FSDP alone, micro-batches of
+256 rows (the recipe's) need ~82 (3B) and ~104 GB (7B) per chip: the float32 logits over a
+152k vocabulary and the dense attention logits of 8 rows of 4096 tokens per chip.
+
 `tiny`: the same code on CPU, for a tiny checkpoint written by `tools/tiny_qwen_vl.py`
 (`python tools/tiny_qwen_vl.py --family=qwen2_5_vl --out=DIR`), 56×56 images, a few steps.
 """
@@ -30,5 +37,9 @@ def get_config(arg="7b"):
     return c
   c = pod_rl_recipe(pretrained_family(base_config(), "qwen2_5_vl", image_size=448))
   c.model.update(dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
+  tensor = {"3b": 2, "7b": 4}[arg]
+  c.mesh.tensor = tensor
+  # 32 chips / tensor fsdp shards, one group of 8 rows each.
+  c.rl.micro_batch_size = 32 // tensor * c.rl.group_size
   return c
 
