@@ -27,3 +27,10 @@ def cli_env(tmp_path_factory):
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The slow end-to-end tests first: under `-n 2` each worker then starts on a long test and the
+  short ones fill in around them, instead of a long test starting last and running alone."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

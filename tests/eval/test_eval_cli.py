@@ -1,4 +1,5 @@
-"""`--mode=eval` and RL's evaluation points on JSON sets, through the entry point on 8 devices."""
+"""`--mode=eval` on JSON sets, through the entry point on 8 devices (RL's evaluation points on a JSON
+set: tests/models/hf/test_hf_run.py)."""
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ def main(env, workdir, *overrides):
 
 
 @pytest.mark.slow
-def test_eval_mode_and_rl_write_each_sets_problems_summary_and_plot(tmp_path, cli_env):
+def test_eval_mode_writes_each_sets_problems_and_summary(tmp_path, cli_env):
   demo = eval_data.write_set(str(tmp_path), "demo")
   broken = eval_data.write_set(str(tmp_path), "broken", per_kind=1, bad=True)
   sets = [f"--config.eval.sets=demo:{demo},broken:{broken}", "--config.eval.suite=False",
@@ -41,16 +42,3 @@ def test_eval_mode_and_rl_write_each_sets_problems_summary_and_plot(tmp_path, cl
   assert "| **broken** | 7 | 1 bad_image, 1 missing_image, 1 unknown_type |" in proc.stdout
   assert os.path.isfile(os.path.join(point, "summary.md"))
   assert "broken.jsonl:8 (problem_id missing): image file not found" in proc.stderr  # named
-
-  # RL evaluates the same sets before RL, every eval.every steps and after (here: before, after).
-  proc = main(cli_env, workdir, "--mode=rl", "--config.rl.steps=1",
-              *sets)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  for step in (0, 1):
-    s = json.load(open(os.path.join(workdir, "eval", f"rl_{step}", "summary.json")))
-    assert s["weights"] == {"stage": "rl", "step": step} and list(s["sets"]) == ["demo", "broken"]
-  assert os.path.getsize(os.path.join(workdir, "eval", "accuracy_over_steps.png")) > 0
-  evals = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  evals = [r for r in evals if r["stage"] == "eval"]
-  assert [r["step"] for r in evals] == [0, 1]
-  assert all("set_mean@2/demo" in r and "set_pass@2/broken" in r for r in evals)

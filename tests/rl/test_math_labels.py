@@ -20,11 +20,14 @@ from openvlthinker.rl import rewards
 PAIRS = [json.loads(line) for line in
          (pathlib.Path(__file__).parent / "data" / "math_labels.jsonl").read_text().splitlines()]
 MARGIN = 0.007  # three pairs of 456
+# Graded with time to spare: under make test's coverage tracer, on two loaded cores, math-verify's
+# simplify can pass the 0.5 s production deadline, and a timeout would count as "not equal".
+AMPLE_S = 10.0
 
 
 def _score(check) -> tuple[float, int, int]:
   """(accuracy, false positives, false negatives) of a grader on PAIRS."""
-  got = [check(p["pred"], p["gold"])[0] for p in PAIRS]
+  got = [check(p["pred"], p["gold"], AMPLE_S)[0] for p in PAIRS]
   fp = sum(g and not p["equal"] for g, p in zip(got, PAIRS))
   fn = sum(p["equal"] and not g for g, p in zip(got, PAIRS))
   return 1 - (fp + fn) / len(PAIRS), fp, fn

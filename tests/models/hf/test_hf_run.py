@@ -72,7 +72,13 @@ def test_import_rl_export_and_transformers_loads_it(tmp_path, cli_env):
   # The JSON evaluation set, before and after RL, through the checkpoint's chat template.
   for step in (0, 3):
     with open(os.path.join(workdir, "eval", f"rl_{step}", "summary.json")) as f:
-      assert json.load(f)["sets"]["held"]["problems"] == 6
+      summary = json.load(f)
+    assert summary["weights"] == {"stage": "rl", "step": step}
+    assert summary["sets"]["held"]["problems"] == 6
+  assert os.path.getsize(os.path.join(workdir, "eval", "accuracy_over_steps.png")) > 0
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if r["stage"] == "eval"]
+  assert [r["step"] for r in evals] == [0, 3] and all("set_mean@1/held" in r for r in evals)
   # The update's teacher-forced log-probs (images, M-RoPE positions, shared prompt forward) are
   # the sampler's: every importance ratio of the first minibatch is 1.
   for r in rl:
