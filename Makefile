@@ -30,7 +30,7 @@ demo: $(STAMP)
 # fails the target when rl/, train/ or sampler.py fall below 90 %.
 test: $(TEST_STAMP)
 	find . -maxdepth 1 -name '.coverage*' ! -name .coveragerc -delete
-	$(BIN)/python -m pytest -q -n 2 --cov --cov-report=
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --cov --cov-report=
 	$(BIN)/python tools/coverage_summary.py
 
 # Mutation testing of rl/, train/ and sampler.py (setup.cfg [mutmut]); resumable. A subset:
