@@ -239,6 +239,11 @@ def collate_sft(items: Sequence[dict], num_dropped: int, seq_len: int) -> dict[s
   }
 
 
+def prompt_bucket(length: int, buckets: Sequence[int]) -> int:
+  """The smallest of `buckets` (increasing) that holds a prompt of `length` tokens."""
+  return next(b for b in buckets if b >= length)
+
+
 def collate_rl(items: Sequence[dict], num_dropped: int,
                buckets: Sequence[int]) -> dict[str, np.ndarray]:
   """RL prompt batch of P items.
@@ -249,7 +254,7 @@ def collate_rl(items: Sequence[dict], num_dropped: int,
   options object[P] (tuples of "A. text"), meta object[P] (dicts); num_dropped int32[].
   """
   lengths = np.asarray([len(it["prompt"]) for it in items])
-  bucket = next(b for b in buckets if b >= lengths.max())
+  bucket = prompt_bucket(lengths.max(), buckets)
   return {
       "prompt_tokens": _pad_rows([it["prompt"] for it in items], bucket, np.int32),
       "prompt_mask": np.arange(bucket)[None, :] < lengths[:, None],

@@ -122,7 +122,7 @@ def _bucketed_batches(items: Sequence[dict], prompts: int, buckets: tuple[int, .
   """[(problem index int32[P], valid bool[P], collated batch)]: problems grouped by the smallest
   bucket holding their prompt, `prompts` to a batch, the last one of a bucket padded by repeating
   its first problem (valid False)."""
-  bucket_of = [next(b for b in buckets if b >= len(it["prompt"])) for it in items]
+  bucket_of = [pipeline.prompt_bucket(len(it["prompt"]), buckets) for it in items]
   out = []
   for bucket in sorted(set(bucket_of)):
     members = [i for i, b in enumerate(bucket_of) if b == bucket]
