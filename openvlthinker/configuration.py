@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
       decode_phases=4))          # the decode loop grows its cache in this many phases.
+  # train/packing.py:PackingConfig: the update packs prompts and responses into rows of
+  # row_tokens (a prompt with any of its responses must fit), rows_per_micro rows per
+  # micro-batch, instead of padding micro_batch_size rows to the longest response. Same loss.
+  # 0 = the padded micro-batch's size: largest prompt bucket + max_new_tokens, micro_batch_size.
+  c.rl.packing = ml_collections.ConfigDict(dict(enabled=False, row_tokens=0, rows_per_micro=0))
   # Dynamic filtering; a step that keeps no group trains on nothing: warned, and after
   # max_empty_steps such steps in a row the run stops.
   c.rl.filter = ml_collections.ConfigDict(dict(enabled=True, low=0.01, high=0.99, max_tries=3,
@@ -141,6 +146,8 @@ def pod_rl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.rl.update(steps=1000, prompts_per_step=512, group_size=8, updates_per_rollout=4,
               micro_batch_size=256, learning_rate=2e-6, weight_decay=0.01)
   c.rl.sampler.update(max_new_tokens=2048, temperature=1.0, top_p=1.0)
+  # Responses differ ~30x in length across tasks (REFERENCE §6): pack the update.
+  c.rl.packing.enabled = True
   # Validation as the public code does it: sampled at temperature 0.7, top-p 0.95.
   c.eval.update(every=50, num_per_task=256, batch_size=512, max_new_tokens=2048,
                 temperature=0.7, top_p=0.95)
@@ -189,6 +196,17 @@ def build_sampler(c, tokenizer=None):
   from openvlthinker.sampler import SamplerConfig  # pylint: disable=g-import-not-at-top
   ids = {} if tokenizer is None else sampler_ids(tokenizer)
   return SamplerConfig(**c.rl.sampler, **ids, prompt_buckets=tuple(c.data.prompt_buckets))
+
+
+def build_packing(c):
+  """`rl.packing`, its zeros resolved: row_tokens = the largest prompt bucket + max_new_tokens,
+  rows_per_micro = rl.micro_batch_size (the padded update's micro-batch, so the same memory)."""
+  from openvlthinker.train.packing import PackingConfig  # pylint: disable=g-import-not-at-top
+  p = c.rl.packing
+  return PackingConfig(
+      enabled=p.enabled,
+      row_tokens=p.row_tokens or max(c.data.prompt_buckets) + c.rl.sampler.max_new_tokens,
+      rows_per_micro=p.rows_per_micro or c.rl.micro_batch_size)
 
 
 def build_entropy(c) -> shaping.EntropyShapingConfig:
@@ -333,6 +351,11 @@ def _rl(c):
   _built("rl.sampler", lambda: build_sampler(c))
   _built("rl.loss", lambda: build_loss(c))
   _built("rl.entropy", lambda: build_entropy(c))
+  packing = _built("rl.packing", lambda: build_packing(c))
+  longest = max(c.data.prompt_buckets) + r.sampler.max_new_tokens
+  _check(not packing.enabled or packing.row_tokens >= longest, "rl.packing.row_tokens",
+         f"at least the largest prompt bucket + rl.sampler.max_new_tokens = {longest} (a prompt "
+         "with one response must fit a row)", packing.row_tokens)
   from openvlthinker.train.reward import LengthShaping  # pylint: disable=g-import-not-at-top
   _built("rl.length", lambda: LengthShaping.from_config(r.length, r.sampler.max_new_tokens))
   from openvlthinker.train.reward import OverlongPenalty  # pylint: disable=g-import-not-at-top

@@ -142,6 +142,26 @@ def grow_cache(cache: KVCache, max_length: int, sharder: Sharder = Sharder()) ->
   return _constrain_cache(cache, sharder)
 
 
+def take_cache_rows(cache: KVCache, rows: jax.Array, prefix_rows: jax.Array | None = None,
+                    sharder: Sharder = Sharder()) -> KVCache:
+  """The cache of rows int32[B'] of `cache`, in that order (same slots and write index), behind
+  rows int32[R'] of its shared prefix, which must keep B' / R' rows per prefix row (the sampler
+  drops whole prompt groups: `rows` are G per kept prompt, `prefix_rows` the kept prompts)."""
+  if (cache.prefix is None) != (prefix_rows is None):
+    raise ValueError("take_cache_rows: prefix_rows must be given exactly when the cache has a "
+                     "prefix")
+  if prefix_rows is not None and rows.shape[0] % prefix_rows.shape[0]:
+    raise ValueError(f"take_cache_rows: {rows.shape[0]} rows are not a multiple of the "
+                     f"{prefix_rows.shape[0]} prefix rows")
+  # Rows are axis 1 of stacked [NL, B, ...] keys and values, axis 0 of per-layer tuples.
+  take = lambda x, axis: jnp.take(x, rows, axis=axis, mode="clip")
+  kv = lambda x: (tuple(take(a, 0) for a in x) if isinstance(x, tuple) else take(x, 1))
+  prefix = (None if cache.prefix is None else
+            take_cache_rows(cache.prefix, prefix_rows, None, sharder))
+  return _constrain_cache(cache.replace(k=kv(cache.k), v=kv(cache.v),
+                                        valid=take(cache.valid, 0), prefix=prefix), sharder)
+
+
 def attention_mask(input_mask: jax.Array, prefix_mask: jax.Array | None,
                    full_prefix: bool) -> jax.Array:
   """bool[B, L, L]: which of one call's L tokens each of them sees (the call's own keys; cached
@@ -295,16 +315,18 @@ class Decoder(nnx.Module):
                prefix_mask: jax.Array | None = None, cache: KVCache | None = None,
                full_prefix_attention: bool = False, logits_from: int = 0,
                rope: tuple[jax.Array, jax.Array] | None = None,
-               deepstack: jax.Array | None = None):
+               deepstack: jax.Array | None = None, attention: jax.Array | None = None):
     """x: [B, L, D]; positions int32[B, L]; masks bool[B, L] → (float32[B, L - logits_from, V],
     cache): logits from column `logits_from` (static) on. `rope`, when given, is
     `self.rope_tables(positions)` computed by the caller (the sampler builds every decode step's
     tables before its loop: XLA fuses sin and cos into each consumer, so a step would otherwise
     evaluate them once per head and per use). `deepstack` [k, B, L, D] (Qwen3-VL): added to the
     residual stream after each of the first k layers (visual features of intermediate vision
-    layers at the image tokens, zeros elsewhere)."""
+    layers at the image tokens, zeros elsewhere). `attention` bool[B, L, L], when given, replaces
+    the mask built from the input and prefix masks (packed rows, `models.packed`)."""
     shd = self.sharder
-    mask = attention_mask(input_mask, prefix_mask, full_prefix_attention)
+    mask = (attention_mask(input_mask, prefix_mask, full_prefix_attention) if attention is None
+            else attention)
     if rope is None:
       rope = self.rope_tables(positions)
     # Per-layer inputs (sliced by the scan, or indexed by the loop): parameters and the cached

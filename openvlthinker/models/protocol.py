@@ -23,11 +23,13 @@ class VisionLanguageModel(Protocol):
   def __call__(self, tokens: jax.Array, positions: Positions, images: jax.Array | None = None,
                cache: Cache | None = None, *, input_mask: jax.Array | None = None,
                prefix_mask: jax.Array | None = None, logits_from: int = 0,
-               rope: Any = None) -> tuple[jax.Array, Cache | None]:
+               rope: Any = None, packing: Any = None) -> tuple[jax.Array, Cache | None]:
     """tokens int32[B, L], images uint8[B, N, H, W, 3] or None; input_mask bool[B, L] marks real
     tokens, prefix_mask bool[B, L] the image + prompt prefix. Writes the L columns into `cache`
     (if given) after its filled slots. Returns float32 logits [B, L - logits_from, V] and the
-    cache. `rope`: precomputed `decode_rope(...)` for a one-column decode call."""
+    cache. `rope`: precomputed `decode_rope(...)` for a one-column decode call. `packing`: a
+    `models.packed.PackedLayout` when the rows are packed (attention and image features follow
+    it; images are then per image set, [Q, N, H, W, 3])."""
 
   def init_cache(self, batch: int, max_length: int, prefix: Cache | None = None) -> Cache:
     """An empty cache of `max_length` slots, optionally behind a read-only shared `prefix` whose
@@ -35,6 +37,11 @@ class VisionLanguageModel(Protocol):
 
   def grow_cache(self, cache: Cache, max_length: int) -> Cache:
     """`cache` with empty slots appended up to `max_length`."""
+
+  def take_cache_rows(self, cache: Cache, rows: jax.Array,
+                      prefix_rows: jax.Array | None = None) -> Cache:
+    """The cache of rows int32[B'] of `cache` (in that order, same slots), behind rows
+    int32[R'] of its shared prefix (B' / R' rows per prefix row; None without a prefix)."""
 
   def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[Positions, jax.Array]:
     """Positions of right-aligned prompts (tokens int32[P, Lb], mask bool[P, Lb]; masked slots in

@@ -20,7 +20,7 @@ from flax import nnx
 from openvlthinker.fields import check
 from openvlthinker.models import decoder as decoder_lib
 from openvlthinker.models import layers
-from openvlthinker.models import mrope
+from openvlthinker.models import mrope, packed
 from openvlthinker.models.decoder import Decoder, DecoderConfig, KVCache
 from openvlthinker.models.hf import image_processor as improc
 from openvlthinker.models.qwen2_5_vision import Qwen25VisionConfig, Qwen25VisionTower
@@ -112,35 +112,44 @@ class QwenVL(nnx.Module):
       return unflatten(feats), jnp.stack([unflatten(x) for x in deep]) if deep else None
     return unflatten(out), None
 
-  def embed(self, tokens: jax.Array, images: jax.Array | None, input_mask: jax.Array
-            ) -> tuple[jax.Array, jax.Array | None]:
-    """Token embeddings with the image tokens spliced in at the image-pad tokens, and the
-    DeepStack residuals [k, B, L, D] (zero off the image tokens) or None."""
+  def embed(self, tokens: jax.Array, images: jax.Array | None, input_mask: jax.Array,
+            packing: packed.PackedLayout | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """Token embeddings with the image tokens spliced in at the image-pad tokens (packed rows:
+    the features `packing` names), and the DeepStack residuals [k, B, L, D] (zero
+    off the image tokens) or None."""
     x = self.decoder.embed(tokens)
     if images is None:
       return x, None
     feats, deep = self.encode_images(images)
     is_image = (tokens == self.cfg.image_token_id) & input_mask
     constrain = lambda f: self.sharder.constrain(f.astype(x.dtype), ("batch", None, None))
-    x = layers.splice_images(x, is_image, constrain(feats))
+    if packing is None:
+      splice = lambda base, f: layers.splice_images(base, is_image, constrain(f))
+    else:
+      splice = lambda base, f: packed.splice_features(base, is_image, constrain(f),
+                                                      packing)
+    x = splice(x, feats)
     if deep is not None:  # DeepStack residuals: the image features on image tokens, else zero
-      deep = jnp.stack([layers.splice_images(jnp.zeros_like(x), is_image, constrain(f))
-                        for f in deep])
+      deep = jnp.stack([splice(jnp.zeros_like(x), f) for f in deep])
     return x, deep
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, images: jax.Array | None = None,
                cache: KVCache | None = None, *, input_mask: jax.Array | None = None,
                prefix_mask: jax.Array | None = None, logits_from: int = 0,
-               rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
+               rope: tuple[jax.Array, jax.Array] | None = None,
+               packing: packed.PackedLayout | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens int32[B, L], positions int32[B, L, 3] (M-RoPE), images uint8[B, N, H, W, 3] or
     None. Causal attention everywhere (prefix_mask is accepted for the contract and unused: Qwen
-    attends causally over its prompt). Returns float32 logits [B, L - logits_from, V], cache."""
+    attends causally over its prompt). Returns float32 logits [B, L - logits_from, V], cache.
+    `packing`: packed rows (`models.packed`), images then uint8[Q, N, H, W, 3]."""
     del prefix_mask
     if input_mask is None:
       input_mask = jnp.ones(tokens.shape, bool)
-    x, deep = self.embed(tokens, images, input_mask)
+    x, deep = self.embed(tokens, images, input_mask, packing)
+    attention = None if packing is None else packed.attention_mask(packing, input_mask, None,
+                                                                   False)
     return self.decoder(x, positions, input_mask, None, cache, logits_from=logits_from,
-                        rope=rope, deepstack=deep)
+                        rope=rope, deepstack=deep, attention=attention)
 
   # --------------------------------------------------- the rest of the VisionLanguageModel contract
 
@@ -149,6 +158,10 @@ class QwenVL(nnx.Module):
 
   def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
     return decoder_lib.grow_cache(cache, max_length, self.sharder)
+
+  def take_cache_rows(self, cache: KVCache, rows: jax.Array,
+                      prefix_rows: jax.Array | None = None) -> KVCache:
+    return decoder_lib.take_cache_rows(cache, rows, prefix_rows, self.sharder)
 
   def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """M-RoPE positions int32[B, L, 3] of prompts (any padding) and each row's next position."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from openvlthinker.fields import check
-from openvlthinker.models import layers
+from openvlthinker.models import layers, packed
 from openvlthinker.models import decoder as decoder_lib
 from openvlthinker.models.decoder import Decoder, DecoderConfig, KVCache
 from openvlthinker.models.vit import ViT, ViTConfig
@@ -87,34 +87,43 @@ class VLM(nnx.Module):
     feats = self.projector(self.vit(images.reshape((b * n,) + images.shape[2:])))
     return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
-  def embed(self, tokens: jax.Array, images: jax.Array | None,
-            input_mask: jax.Array) -> jax.Array:
-    """Token embeddings with image features spliced in at the placeholder tokens."""
+  def embed(self, tokens: jax.Array, images: jax.Array | None, input_mask: jax.Array,
+            packing: packed.PackedLayout | None = None) -> jax.Array:
+    """Token embeddings with image features spliced in at the placeholder tokens (packed rows:
+    at the features `packing` names)."""
     x = self.decoder.embed(tokens)
     if images is None:
       return x
     feats = self.sharder.constrain(self.encode_images(images).astype(x.dtype),
                                    ("batch", None, None))
-    return layers.splice_images(x, (tokens == self.cfg.image_token_id) & input_mask, feats)
+    is_image = (tokens == self.cfg.image_token_id) & input_mask
+    if packing is not None:
+      return packed.splice_features(x, is_image, feats, packing)
+    return layers.splice_images(x, is_image, feats)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, images: jax.Array | None = None,
                cache: KVCache | None = None, *, input_mask: jax.Array | None = None,
                prefix_mask: jax.Array | None = None, logits_from: int = 0,
-               rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
+               rope: tuple[jax.Array, jax.Array] | None = None,
+               packing: packed.PackedLayout | None = None) -> tuple[jax.Array, KVCache | None]:
     """tokens int32[B, L], positions int32[B, L], images uint8[B, N, H, W, 3] or None.
 
     input_mask bool[B, L] marks real tokens (default: all); prefix_mask bool[B, L] marks the
     image+prompt prefix for full prefix attention. Returns float32 logits [B, L - logits_from, V]
     (static `logits_from`: columns before it get no logits, e.g. a prompt when only the response is
     scored) and the cache (None when none was given). rope: optional precomputed
-    `decode_rope(...)` of a one-column decode call.
+    `decode_rope(...)` of a one-column decode call. `packing`: the rows are packed
+    (`models.packed`; no cache), images are then uint8[Q, N, H, W, 3], the image sets the
+    layout's `image_set` indexes.
     """
     if input_mask is None:
       input_mask = jnp.ones(tokens.shape, bool)
-    x = self.embed(tokens, images, input_mask)
+    x = self.embed(tokens, images, input_mask, packing)
+    attention = None if packing is None else packed.attention_mask(
+        packing, input_mask, prefix_mask, self.cfg.prefix_full_attention)
     return self.decoder(x, positions, input_mask, prefix_mask, cache,
                         full_prefix_attention=self.cfg.prefix_full_attention,
-                        logits_from=logits_from, rope=rope)
+                        logits_from=logits_from, rope=rope, attention=attention)
 
   # --------------------------------------------------- the rest of the VisionLanguageModel contract
 
@@ -124,6 +133,10 @@ class VLM(nnx.Module):
 
   def grow_cache(self, cache: KVCache, max_length: int) -> KVCache:
     return decoder_lib.grow_cache(cache, max_length, self.sharder)
+
+  def take_cache_rows(self, cache: KVCache, rows: jax.Array,
+                      prefix_rows: jax.Array | None = None) -> KVCache:
+    return decoder_lib.take_cache_rows(cache, rows, prefix_rows, self.sharder)
 
   def prompt_positions(self, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """0, 1, … over each row's real tokens (0 on the padding in front); next = prompt length."""

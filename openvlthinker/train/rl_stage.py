@@ -27,7 +27,7 @@ from openvlthinker.errors import RunError
 from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker.rl import advantages as advantages_lib
 from openvlthinker.sampler import Sampler
-from openvlthinker.train import loop, rl, rl_metrics
+from openvlthinker.train import loop, packing, rl, rl_metrics
 from openvlthinker.train import rollout as rollout_lib
 from openvlthinker.train.batch import RolloutBatch
 from openvlthinker.train.context import Context, task_key_ids
@@ -62,6 +62,7 @@ class RLStage:
                                  OverlongPenalty.from_config(r.overlong, r.sampler.max_new_tokens))
     self.advantage_fn = jax.jit(advantages_lib.batch_estimator(r.advantage))
     self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
+    self.packing = configuration.build_packing(c)
     self.state_shardings = train_state_shardings(ctx.initial_params, self.tx, ctx.sharder,
                                                  self.reward.init_stats())
     self.update = rl.make_update(
@@ -69,9 +70,13 @@ class RLStage:
         sampler_config=self.sampler_config, loss_config=self.loss_config,
         num_micro=self.rows // r.micro_batch_size, entropy=self.entropy,
         nan_at_step=c.debug.nan_loss_at_rl_step,
-        group_size=r.group_size if r.share_prompt_forward else 1)
-    self.reference_logprobs = jax.jit(
-        lambda p, mb: rl.policy_logprobs(p, ctx.graphdef, mb, self.sampler_config)[0])
+        group_size=r.group_size if r.share_prompt_forward else 1, packed=self.packing.enabled)
+    if self.packing.enabled:
+      self.reference_logprobs = jax.jit(
+          lambda p, pk: rl.packed_reference_logprobs(p, ctx.graphdef, pk, self.sampler_config))
+    else:
+      self.reference_logprobs = jax.jit(
+          lambda p, mb: rl.policy_logprobs(p, ctx.graphdef, mb, self.sampler_config)[0])
     self._evaluation = evaluation
     self.empty_streak = 0  # consecutive steps whose filter kept nothing (checkpointed)
 
@@ -120,13 +125,24 @@ class RLStage:
     batch = batch.trim(RESPONSE_BUCKET)
     metrics = []
     for u in range(self.c.rl.updates_per_rollout):
-      mb = jax.tree.map(self.ctx.sharder.put_batch,
-                        batch.rows(slice(u * self.rows, (u + 1) * self.rows)))
+      mb = self.place(batch.rows(slice(u * self.rows, (u + 1) * self.rows)))
       if self.loss_config.kl_coef > 0:
         mb = mb.replace(ref_logprobs=self.reference_logprobs(ref_params, mb))
       state, m = self.update(state, mb)
       metrics.append(jax.device_get(m))
     return state, metrics
+
+  def place(self, mb: RolloutBatch):
+    """A host minibatch on the mesh, as the update takes it: rows padded to the longest
+    response, or packed (`rl.packing`)."""
+    shd = self.ctx.sharder
+    if not self.packing.enabled:
+      return jax.tree.map(shd.put_batch, mb)
+    image_token_id = getattr(self.ctx.model.cfg, "image_token_id", None)
+    packed, _ = packing.pack(mb, self.packing, group_size=self.c.rl.group_size,
+                             shards=packing.batch_shards(shd),
+                             image_token_id=image_token_id if mb.images is not None else None)
+    return packing.put(packed, shd)
 
   def count_empty(self, step: int, batch: RolloutBatch, sampled_groups: int) -> bool:
     """Whether the filter kept no group this step: warns, and raises RunError after

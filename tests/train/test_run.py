@@ -1,5 +1,6 @@
 """The trainer end to end through its entry point, on the 8 fake devices the suite uses, with the
-default mesh (fsdp over all 8) and with fsdp=4 × tensor=2.
+default mesh (fsdp over all 8) and with fsdp=4 × tensor=2 (there with the layer scan and the
+packed update, as the pod presets run).
 
 - Interrupted as a pod (or a user) would: SIGTERM mid-SFT (saves, exits 0), rerun; SIGKILL
   mid-SFT, rerun (its stale workdir lock taken over); Ctrl-C (SIGINT) mid-RL, rerun; SIGKILL
@@ -23,9 +24,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_KEYS = ("_s", "tokens_per_s")
-# The second also runs the decoder's layer scan (the pod layout; the test config loops).
+# The second also runs the decoder's layer scan and the packed update (the pod layout; the test
+# config loops over layers and pads).
 MESHES = {"fsdp8": (), "fsdp4_tensor2": ("--config.mesh.fsdp=4", "--config.mesh.tensor=2",
-                                         "--config.model.scan_layers=True")}
+                                         "--config.model.scan_layers=True",
+                                         "--config.rl.packing.enabled=True")}
 STEPS = ("--config.sft.steps=4", "--config.rl.steps=4", "--config.eval.every=100")
 
 

@@ -73,8 +73,9 @@ def prompt_batches(seed=0):
     }
 
 
-def toy_config():
+def toy_config(packed=False):
   c = test_config.get_config()
+  c.rl.packing.enabled = packed
   # Untied embeddings: a tied tiny model mostly echoes the prompt's last token (p(X) ~ 1%).
   c.model.update(vocab_size=V, width=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
                  mlp_dim=64, tie_embeddings=False)
@@ -88,9 +89,7 @@ def toy_config():
   return configuration.validate(c)  # a config the trainer accepts
 
 
-@pytest.fixture(scope="module")
-def toy():
-  config = toy_config()
+def make_toy(config):
   sharder = make_sharder(config)
   model, info = registry.build(config.model, sharder, seed=0)
   graphdef, params = nnx.split(model)
@@ -110,6 +109,11 @@ def toy():
 
   stage.update, stage.advantages = recording_update, recording_advantages
   return stage, params, minibatches, rollouts
+
+
+@pytest.fixture(scope="module")
+def toy():
+  return make_toy(toy_config())
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -195,3 +199,27 @@ def test_rl_steps_solve_the_toy_task(toy, name):
   # The expected training reward over both tasks, and the sampled one, rise.
   assert reward_of((a_after + b_after) / 2) > reward_of((a_before + b_before) / 2) + 0.2
   assert np.mean(sampled_reward[-3:]) > np.mean(sampled_reward[:3]) + 0.1, sampled_reward
+
+
+def test_packed_rl_steps_solve_the_toy_task():
+  """The trainer's step with `rl.packing` on (images in every prompt): each minibatch is packed
+  (every rollout row with tokens in one table row exactly once) and G²RPO still solves the task."""
+  stage, params, minibatches, rollouts = make_toy(toy_config(packed=True))
+  state = stage.initial_state(params)
+  before = expected_accuracy(first_token_probs(stage, params))
+  data = prompt_batches(seed=1)
+  for step in range(STEPS):
+    minibatches.clear(), rollouts.clear()
+    state, metrics = stage.step(state, data, step, params)
+    assert np.isfinite(metrics["policy_loss"]) and metrics["grad_norm"] > 0
+    assert len(minibatches) == 2 and all(mb.images is not None for mb in minibatches)
+    for u, mb in enumerate(minibatches):
+      rows = np.sort(mb.rows[mb.rows >= 0])
+      np.testing.assert_array_equal(rows, np.arange(P * G // 2))
+      table = mb.advantages.reshape(-1)[mb.rows.reshape(-1) >= 0]
+      order = mb.rows.reshape(-1)[mb.rows.reshape(-1) >= 0]
+      want = rollouts[0].advantages[u * P * G // 2:(u + 1) * P * G // 2][order]
+      np.testing.assert_array_equal(table, want)
+  (a_before, b_before) = before
+  a_after, b_after = expected_accuracy(first_token_probs(stage, state.params))
+  assert a_after > 2 * a_before and b_after > b_before + 0.3, (before, (a_after, b_after))
