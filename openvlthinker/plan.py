@@ -191,9 +191,7 @@ def rollout_inputs(stage: RLStage) -> tuple:
 
 def _split(sharder, name: str, n: int) -> int:
   """Per-device size of a dimension of n on logical axis `name` (the rule table's split)."""
-  spec = sharder.spec((name,), (n,))[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  return n // math.prod(sharder.mesh.shape[a] for a in axes)
+  return n // sharder.shards(name, n)
 
 
 def _layer(text, shd, rows: int, length: int, keys: int, dt: int, backward: bool) -> float:

@@ -99,6 +99,15 @@ class Sharder:
       raise ValueError("Sharder.replicated needs a mesh")
     return NamedSharding(self.mesh, P())
 
+  def shards(self, name: str, n: int | None = None) -> int:
+    """How many ways the rule table splits a dimension (of size `n`: mesh axes that do not
+    divide it are dropped, as `spec` does) on logical axis `name`; 1 without a mesh."""
+    if self.mesh is None:
+      return 1
+    spec = self.spec((name,), None if n is None else (n,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(self.mesh.shape[a] for a in axes)
+
   def put_batch(self, x) -> jax.Array:
     """A host array of whole rows onto the mesh, rows over the data-parallel axes."""
     return jax.device_put(x, batch_sharding(self, np.ndim(x), np.shape(x)))

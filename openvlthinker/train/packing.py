@@ -182,7 +182,8 @@ def pack(mb: RolloutBatch, cfg: PackingConfig, *, group_size: int, shards: int =
   source = np.zeros((m_cap, s_cap, lr), np.int32)
   set_rows = np.zeros((m_cap, q_cap), np.int64)
   tokens_np = np.asarray(mb.tokens)
-  prompt_cols = [np.flatnonzero(np.asarray(mb.sequence_mask)[p, :lb]) for p in range(mb.size)]
+  prompt_cols = {p: np.flatnonzero(np.asarray(mb.sequence_mask)[p, :lb])
+                 for p in {p for p, _ in segments}}  # the real prompt columns of each group
   for m, mrows in enumerate(micro_rows):
     s = q = 0
     for r, row in enumerate(mrows):
@@ -236,15 +237,6 @@ def pack(mb: RolloutBatch, cfg: PackingConfig, *, group_size: int, shards: int =
                     computed_tokens=num_micro * r_per * t, num_micro=num_micro,
                     segments=len(segments))
   return packed, stats
-
-
-def batch_shards(sharder) -> int:
-  """How many ways the mesh splits a batch axis (1 without a mesh)."""
-  if sharder.mesh is None:
-    return 1
-  spec = sharder.spec(("batch",))[0]
-  names = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  return int(np.prod([sharder.mesh.shape[n] for n in names]))
 
 
 def put(packed: PackedMicros, sharder) -> PackedMicros:

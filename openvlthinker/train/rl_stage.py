@@ -140,7 +140,7 @@ class RLStage:
       return jax.tree.map(shd.put_batch, mb)
     image_token_id = getattr(self.ctx.model.cfg, "image_token_id", None)
     packed, _ = packing.pack(mb, self.packing, group_size=self.c.rl.group_size,
-                             shards=packing.batch_shards(shd),
+                             shards=shd.shards("batch"),
                              image_token_id=image_token_id if mb.images is not None else None)
     return packing.put(packed, shd)
 

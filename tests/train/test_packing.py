@@ -92,7 +92,7 @@ def vlm():
 
 
 def packed_tables(graphdef, params, sharder, batch, cfg, image_token_id):
-  pk, stats = packing.pack(batch, cfg, group_size=G, shards=packing.batch_shards(sharder),
+  pk, stats = packing.pack(batch, cfg, group_size=G, shards=sharder.shards("batch"),
                            image_token_id=image_token_id)
   dev = packing.put(pk, sharder)
   logp, ent = zip(*[jax.device_get(PACKED_LOGPROBS(params, graphdef, dev.micro(i), SAMPLER))
@@ -199,7 +199,7 @@ def run_update(graphdef, params, sharder, mb, packed, **kw):
 def packed_update(vlm):
   graphdef, params, sharder, batch, image_token_id = vlm
   cfg = packing.PackingConfig(enabled=True, row_tokens=48, rows_per_micro=8)
-  pk, stats = packing.pack(batch, cfg, group_size=G, shards=packing.batch_shards(sharder),
+  pk, stats = packing.pack(batch, cfg, group_size=G, shards=sharder.shards("batch"),
                            image_token_id=image_token_id)
   assert stats.num_micro >= 2  # the gradient is accumulated over packed micro-batches
   return run_update(graphdef, params, sharder, packing.put(pk, sharder), True, num_micro=1)
