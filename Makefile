@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+LINT_STAMP := $(VENV)/.installed-lint
 
-.PHONY: demo test mutate bench install clean
+.PHONY: demo test lint mutate bench install clean
 
 # The library alone (what demo needs), then the test extras: pytest and friends, and transformers
 # with torch pinned to the CPU wheel, the reference the Hugging Face parity tests compare against.
@@ -32,6 +33,18 @@ test: $(TEST_STAMP)
 	find . -maxdepth 1 -name '.coverage*' ! -name .coveragerc -delete
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal --cov --cov-report=
 	$(BIN)/python tools/coverage_summary.py
+
+# shellcheck on every shell script (.ci/run is one too), ruff (ruff.toml: defects, not style) on
+# the Python.
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[lint]'
+	touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	find . \( -name .git -o -name .venv -o -name mutants -o -name runs \) -prune -o -name '*.sh' \
+	  -print0 | xargs -0 $(BIN)/shellcheck .ci/run
+	$(BIN)/ruff check openvlthinker tests configs benchmarks tools
+	@echo "lint: clean"
 
 # Mutation testing of rl/, train/ and sampler.py (setup.cfg [mutmut]); resumable. A subset:
 # make mutate MUTANTS='openvlthinker.train.batch*'. Survivors: mutants/survivors.txt.

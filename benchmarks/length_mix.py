@@ -1,24 +1,33 @@
-"""Real tokens against computed tokens at the paper's response-length mix: the padded update
-against the packed one (`rl.packing`), measured in the same run. Prints one JSON line.
+"""Real tokens against computed tokens at the paper's response-length mix, for both halves of an
+RL step: today's sampler (`sampler.compact=False`: every row decodes until the longest ends)
+against the compacting one, and the padded update against the packed one (`rl.packing`), all
+measured in the same run, taking turns. Prints one JSON line.
 
 The mix: REFERENCE §6's lengths after ~100 steps (general VQA 1000–1400 tokens, math 600–1100,
 chart 800–1000, spatial reasoning 300–600, grounding ~65, OCR 30–50) times --scale (1/16 by
 default, so the longest is 88 tokens), an equal number of prompts per task, G responses each with
 lengths drawn uniformly in the task's range (seeded): the batch is laid out as the sampler
 returns it (48 random prompt tokens right-aligned in a 64-slot bucket, responses of exactly those
-lengths), so every run trains on the same tokens. The model is the peer-matched text model of the
-other benchmarks (vocab 1024, width 256, 4 layers, float32) on this machine's default device.
+lengths), so every run trains on the same tokens. The samplers decode the same prompts with no
+stop token and each row capped at its scheduled length (`max_lengths`), so they stop where the
+schedule says, deterministically. The model is the peer-matched text model of the other
+benchmarks (vocab 1024, width 256, 4 layers, float32) on this machine's default device.
 
-Figures: `update_real_token_fraction` (real tokens / token slots the update's forward computes;
+Figures: `sampler_real_token_fraction` (response tokens / the row × step slots the decode
+computed, `decoded_row_steps` plus step 0 of every row, drawn from the prefill) compacting and
+plain; `update_real_token_fraction` (real tokens / token slots the update's forward computes;
 prompts count once per packed segment, once per group in the padded shared-prompt forward), for
-both paths; `speedup_vs_padded.update` (median of --repeats timed updates after a warm-up call
-that compiles, the paths taking turns); and, for the decoding side, `plain_decode_real_fraction`:
-response tokens / the row-steps a decode that runs every row until the longest ends computes
-(today's sampler; counted, not timed).
+both paths; `speedup_vs_padded` for the sampler, the update and the RL step (sampler + update),
+each the ratio of medians of --repeats timed calls after a warm-up call that compiles, the four
+calls taking turns in each repeat; `sampler_agreement`: whether the samplers' outputs are the
+same bits. `demo_no_early_stop`: the samplers at the CPU demo's sizes (configs/default.py's model
+with images, 16 prompts x 8, 64 tokens) when no group ends early, compaction's worst case (its
+calls and syncs, nothing to drop), median of --demo_repeats calls each, taking turns.
 
   python benchmarks/length_mix.py [--repeats=3] [--scale=0.0625] [--prompts_per_task=4]
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -32,10 +41,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from configs import default as default_config  # noqa: E402
+from openvlthinker.models.build import build_model, vlm_config  # noqa: E402
 from openvlthinker.models.decoder import DecoderConfig  # noqa: E402
 from openvlthinker.models.vlm import VLM, VLMConfig  # noqa: E402
 from openvlthinker.rl import losses  # noqa: E402
-from openvlthinker.sampler import SamplerConfig  # noqa: E402
+from openvlthinker.sampler import Sampler, SamplerConfig  # noqa: E402
 from openvlthinker.sharding import Sharder, make_mesh  # noqa: E402
 from openvlthinker.train import packing, rl  # noqa: E402
 from openvlthinker.train.batch import RolloutBatch  # noqa: E402
@@ -90,13 +101,55 @@ def mixed_batch(model, rng, lengths, g: int, lr: int, lb: int = 64) -> RolloutBa
       valid=np.ones(b, bool), response_start=lb).trim(RESPONSE_BUCKET)
 
 
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-  times = []
+def timed(fn) -> float:
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t
+
+
+def samplers(graphdef, config: SamplerConfig) -> dict[str, Sampler]:
+  return {name: Sampler(graphdef, dataclasses.replace(config, compact=name == "compact"), SHARDER)
+          for name in ("plain", "compact")}
+
+
+def agreement(a, b) -> dict:
+  """How two SamplerOutputs agree: bit for bit (tokens, log-probs, entropies, lengths), tokens
+  alone, and the largest log-prob difference."""
+  fields = lambda o: [np.asarray(x) for x in jax.device_get(
+      (o.tokens, o.logprobs, o.entropies, o.lengths))]
+  a, b = fields(a), fields(b)
+  return {"identical": all(x.tobytes() == y.tobytes() for x, y in zip(a, b)),
+          "tokens_equal": bool((a[0] == b[0]).all()),
+          "max_logprob_diff": float(np.abs(a[1] - b[1]).max())}
+
+
+def demo_overhead(repeats: int) -> dict:
+  """The samplers at configs/default.py's sizes (its model with 64 px images, 16 prompts x 8,
+  64 new tokens, 4 phases, 40-token prompts in the 64 bucket), with no stop token: every group
+  runs to the end, so compaction has nothing to drop and costs only its calls and syncs."""
+  c = default_config.get_config()
+  cfg = vlm_config(c.model)
+  model = build_model(cfg, SHARDER, seed=0)
+  graphdef, params = nnx.split(model)
+  p, g, n = c.rl.prompts_per_step, c.rl.group_size, 40
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(16, cfg.text.vocab_size, (p, n)).astype(np.int32)
+  tokens[:, 4:4 + cfg.num_image_tokens] = cfg.image_token_id
+  images = rng.integers(0, 256, (p, 1, cfg.vision.image_size, cfg.vision.image_size, 3), np.uint8)
+  config = SamplerConfig(max_new_tokens=c.rl.sampler.max_new_tokens, stop_tokens=(),
+                         prompt_buckets=tuple(c.data.prompt_buckets),
+                         decode_phases=c.rl.sampler.decode_phases)
+  run = {k: (lambda s=s: s(params, tokens, np.ones_like(tokens, bool), images,
+                           jax.random.key(0), group_size=g))
+         for k, s in samplers(graphdef, config).items()}
+  same = agreement(run["plain"](), run["compact"]())  # warm-up: compiles
+  times = {k: [] for k in run}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), times
+    for k in run:
+      times[k].append(timed(run[k]))
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"rows": p * g, "max_new_tokens": config.max_new_tokens, "sampler_s": med,
+          "compact_vs_plain": med["plain"] / med["compact"], "agreement": same, "times": times}
 
 
 def main():
@@ -108,6 +161,10 @@ def main():
   ap.add_argument("--micro_batch_size", type=int, default=32, help="padded rows per micro-batch")
   ap.add_argument("--row_tokens", type=int, default=512)
   ap.add_argument("--rows_per_micro", type=int, default=2)
+  ap.add_argument("--decode_phases", type=int, default=SamplerConfig.decode_phases)
+  ap.add_argument("--demo_repeats", type=int, default=15,
+                  help="timed calls of each sampler at the demo's sizes (0: skip); its gap is a "
+                       "few percent at most, so it needs more than --repeats")
   args = ap.parse_args()
   g = args.group_size
   rng = np.random.default_rng(0)
@@ -137,36 +194,63 @@ def main():
         graphdef, tx, state_shardings=shardings, packed=name == "packed",
         num_micro=b // args.micro_batch_size, group_size=g, **common)
 
-  def run(name):
+  def update(name):
     states[name], m = updates[name](states[name], minibatches[name])
     return m["policy_loss"]
 
-  first = {name: float(run(name)) for name in minibatches}  # warm-up: compiles
-  update_times = {name: [] for name in minibatches}
+  # The samplers answer the batch's prompts (right-padded, as grain yields them), each row capped
+  # at its scheduled length.
+  lb = batch.response_start
+  prompts = np.asarray(batch.sequence_tokens[::g, lb - PROMPT_TOKENS:lb])
+  sampler_config = SamplerConfig(max_new_tokens=lr, stop_tokens=(), prompt_buckets=(lb,),
+                                 decode_phases=args.decode_phases)
+  decode = {name: (lambda s=s: s(params, prompts, np.ones_like(prompts, bool), None,
+                                 jax.random.key(0), group_size=g, max_lengths=lengths))
+            for name, s in samplers(graphdef, sampler_config).items()}
+
+  first = {name: float(update(name)) for name in minibatches}  # warm-up: compiles
+  outs = {name: decode[name]() for name in decode}
+  assert (np.asarray(outs["plain"].lengths) == lengths).all(), "the schedule was not followed"
+  same = agreement(outs["plain"], outs["compact"])
+  # Each repeat times the four calls in turn: the RL step of a path is its sampler + update.
+  paths = {"baseline": ("plain", "padded"), "new": ("compact", "packed")}
+  times = {name: [] for name in ("plain", "compact", "padded", "packed")}
   for _ in range(args.repeats):
-    for name in minibatches:
-      update_times[name].append(timed(lambda: run(name), 1)[0])
+    for sample_name, update_name in paths.values():
+      times[sample_name].append(timed(decode[sample_name]))
+      times[update_name].append(timed(lambda n=update_name: update(n)))
+  step_times = {path: [a + b for a, b in zip(times[s], times[u])]
+                for path, (s, u) in paths.items()}
+  demo = demo_overhead(args.demo_repeats) if args.demo_repeats else None
 
   # --------------------------------------------------------------------------- figures
-  med = lambda xs: statistics.median(xs)
+  med = statistics.median
   real_response = int(lengths.sum())
-  lb = batch.response_start
+  decoded = {k: int(o.decoded_row_steps) + b for k, o in outs.items()}  # + step 0 of each row
   padded_computed = p * lb + b * batch.tokens.shape[1]  # shared prompt forward: prompts once
   padded_real = p * PROMPT_TOKENS + real_response
-  t_update = {k: med(v) for k, v in update_times.items()}
+  t = {k: med(v) for k, v in times.items()}
+  t_step = {k: med(v) for k, v in step_times.items()}
   print(json.dumps({
       "benchmark": "length_mix", "device": jax.devices()[0].device_kind,
       "rows": b, "group_size": g, "max_new_tokens": lr, "scale": args.scale,
       "mean_length": float(lengths.mean()), "trimmed_width": int(batch.tokens.shape[1]),
       "row_tokens": args.row_tokens, "rows_per_micro": args.rows_per_micro,
+      "decode_phases": args.decode_phases,
+      "sampler_real_token_fraction": real_response / decoded["compact"],
+      "sampler_real_token_fraction_plain": real_response / decoded["plain"],
+      "sampler_agreement": same,
       "update_real_token_fraction": stats.fill,
       "update_real_token_fraction_padded": padded_real / padded_computed,
       "update_response_fraction_padded": real_response / (b * batch.tokens.shape[1]),
-      "plain_decode_real_fraction": real_response / (b * int(lengths.max())),
       "packed_micro_batches": stats.num_micro, "padded_micro_batches": b // args.micro_batch_size,
-      "policy_loss": first, "update_s": t_update,
-      "speedup_vs_padded": {"update": t_update["padded"] / t_update["packed"]},
-      "times": update_times,
+      "policy_loss": first,
+      "sampler_s": {k: t[k] for k in ("plain", "compact")},
+      "update_s": {k: t[k] for k in ("padded", "packed")}, "rl_step_s": t_step,
+      "speedup_vs_padded": {"sampler": t["plain"] / t["compact"],
+                            "update": t["padded"] / t["packed"],
+                            "rl_step": t_step["baseline"] / t_step["new"]},
+      "times": times, "demo_no_early_stop": demo,
       "repeats": args.repeats, "load_1min": os.getloadavg()[0]}))
 
 

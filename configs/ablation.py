@@ -3,7 +3,8 @@
   python -m openvlthinker.sweep --config=configs/ablation.py:base=default,seeds=0+1+2 --workdir=DIR
 
 `arg` is `key=value` pairs joined by commas; lists join with `+`:
-  base       default | test            the config every run starts from
+  base       default | test            the config every run starts from: a file in configs/,
+             | tpu_pod:v5p-64 ...      with its own arg after `:`
   estimators g2rpo+grpo+drgrpo         names in rl.advantages' registry
   shaping    off | on | off+on         length and entropy shaping together
   seeds      0+1+2
@@ -27,12 +28,15 @@ def parse_arg(arg):
 
 
 def get_config(arg=None):
-  base = parse_arg(arg)["base"]
+  base, _, base_arg = parse_arg(arg)["base"].partition(":")
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{base}.py")
+  if not os.path.isfile(path):
+    raise ValueError(f"configs/ablation.py arg: base={base!r}: expected a config in configs/ "
+                     "such as default, test or tpu_pod:v5p-64")
   spec = importlib.util.spec_from_file_location(f"ablation_base_{base}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(base_arg) if base_arg else module.get_config()
   config.eval.every = config.rl.steps  # the table compares end points: evaluate before and after
   return config
 

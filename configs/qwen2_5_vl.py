@@ -1,9 +1,11 @@
 """RL on a pretrained Qwen2.5-VL (3B or 7B), the most used open VLM-RL starting point, with the
 paper's recipe (REFERENCE §4) on JSON data in the public OpenVLThinkerV2 format.
 
-  launch/tpu_pod.sh my-v5p-64 us-east5-a configs/qwen2_5_vl.py:7b gs://bucket/run \\
-      --config.model.init=hf:/mnt/ckpt/Qwen2.5-VL-7B-Instruct \\
-      --config.data.path=gs://bucket/data/train.jsonl --config.data.image_root=gs://bucket/data
+  launch/tpu_pod.sh run --name=my-v5p-64 --zone=us-east5-a --bucket=my-bucket \\
+      --config=configs/qwen2_5_vl.py:7b --workdir=/gcs/my-bucket/run \\
+      --config.model.init=hf:/gcs/my-bucket/ckpt/Qwen2.5-VL-7B-Instruct \\
+      --config.data.path=/gcs/my-bucket/data/train.jsonl \\
+      --config.data.image_root=/gcs/my-bucket/data
 
 `model.init=hf:DIR` names the checkpoint directory (config.json, safetensors, tokenizer, image
 processor): the architecture, weights, tokenizer, chat template and image normalisation all come

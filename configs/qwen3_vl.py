@@ -1,9 +1,11 @@
 """RL on a pretrained Qwen3-VL-8B-Instruct, the paper's run (REFERENCE §4): 1024 rows per optimizer
 step, AdamW 2e-6, G²RPO by task type, 2048-token responses, on the public-format JSON data.
 
-  launch/tpu_pod.sh my-v5p-64 us-east5-a configs/qwen3_vl.py:8b gs://bucket/run \\
-      --config.model.init=hf:/mnt/ckpt/Qwen3-VL-8B-Instruct \\
-      --config.data.path=gs://bucket/data/train.jsonl --config.data.image_root=gs://bucket/data
+  launch/tpu_pod.sh run --name=my-v5p-64 --zone=us-east5-a --bucket=my-bucket \\
+      --config=configs/qwen3_vl.py:8b --workdir=/gcs/my-bucket/run \\
+      --config.model.init=hf:/gcs/my-bucket/ckpt/Qwen3-VL-8B-Instruct \\
+      --config.data.path=/gcs/my-bucket/data/train.jsonl \\
+      --config.data.image_root=/gcs/my-bucket/data
 
 Everything but the trainer comes from the checkpoint named by `model.init=hf:DIR`. Images are
 resized to 448×448 (14×14 = 196 image tokens each with Qwen3-VL's 16-pixel patches). bfloat16

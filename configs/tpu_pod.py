@@ -1,7 +1,9 @@
 """The paper's RL recipe (REFERENCE §4) at pod scale, on data in the public OpenVLThinkerV2 format.
 
-  launch/tpu_pod.sh my-v5p-64 us-east5-a configs/tpu_pod.py:v5p-64 gs://bucket/run \\
-      --config.data.path=gs://bucket/data/train.jsonl --config.data.image_root=gs://bucket/data
+  launch/tpu_pod.sh run --name=my-v5p-64 --zone=us-east5-a --bucket=my-bucket \\
+      --config=configs/tpu_pod.py:v5p-64 --workdir=/gcs/my-bucket/run \\
+      --config.data.path=/gcs/my-bucket/data/train.jsonl \\
+      --config.data.image_root=/gcs/my-bucket/data
 
 A from-scratch 1.9B-parameter VLM (1.5B decoder, 0.3B ViT) in bfloat16 compute with float32
 parameters and AdamW state, remat (the paper starts from a pretrained Qwen3-VL-8B:

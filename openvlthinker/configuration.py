@@ -64,7 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16, prompt_buckets=(64, 96, 128), max_images=1, worker_count=0,
       # json: skip (and count) records with a missing, undecodable or too large image or an
       # unusable ground truth, instead of stopping on the first; max_image_pixels from the header.
-      skip_bad_records=False, max_image_pixels=100_000_000))
+      skip_bad_records=False, max_image_pixels=100_000_000,
+      # Logical shards of the training stream (data/shards.py): a global batch is one part from
+      # each; a process reads whole shards. 0 = one per process. Fix it to keep a run's data
+      # order when it resumes on another number of hosts.
+      shards=0))
   c.data.mixture = _per_task(1.0)
   c.data.difficulty = _per_task(0)
   c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # '' = the shipped suite tokenizer.
@@ -88,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   # sampler.SamplerConfig: stop and pad tokens come from the tokenizer, buckets from data.
   c.rl.sampler = ml_collections.ConfigDict(dict(
       max_new_tokens=96, temperature=1.0, top_k=0, top_p=1.0,
-      decode_phases=4))          # the decode loop grows its cache in this many phases.
+      decode_phases=4,           # the decode loop grows its cache in this many phases.
+      compact=True))             # decode stops computing prompt groups once they are done.
   # train/packing.py:PackingConfig: the update packs prompts and responses into rows of
   # row_tokens (a prompt with any of its responses must fit), rows_per_micro rows per
   # micro-batch, instead of padding micro_batch_size rows to the longest response. Same loss.
@@ -292,6 +297,13 @@ def _data(c):
   _choice(c, "data.source", ("suite", "tfds", "json"))
   for f in ("seq_len", "batch_size", "max_images", "max_image_pixels"):
     _positive(c, f"data.{f}")
+  shards = c.data.shards
+  _check(isinstance(shards, int) and not isinstance(shards, bool) and shards >= 0, "data.shards",
+         "an integer >= 0 (0 = one per process)", shards)
+  for field, batch in (("data.batch_size", c.data.batch_size),
+                       ("rl.prompts_per_step", c.rl.prompts_per_step)):
+    _check(not shards or batch % shards == 0, field,
+           f"a multiple of data.shards={shards} (each shard gives an equal part)", batch)
   buckets = tuple(c.data.prompt_buckets)
   _check(bool(buckets) and list(buckets) == sorted(set(buckets)) and buckets[0] > 0,
          "data.prompt_buckets", "increasing positive lengths", buckets)
@@ -302,19 +314,32 @@ def _data(c):
          dict(c.data.mixture))
 
 
+# Files are read and written with the OS's file API: a bucket is used through a mount (gcsfuse),
+# the same path on every host.
+MOUNT_HINT = ("a local path or a mounted bucket (URLs are not read directly: mount the bucket, "
+              "e.g. `launch/tpu_pod.sh setup --bucket=NAME` mounts gs://NAME at /gcs/NAME on "
+              "every host)")
+
+
+def check_local_path(field: str, path: str) -> None:
+  """Raises ConfigError naming `field` when `path` is a URL (gs://, s3://, ...)."""
+  _check("://" not in path, field, MOUNT_HINT, path)
+
+
 @check
 def _paths(c):
-  """Local files the run reads exist: found now, not after a model is built or SFT has run
-  (remote URLs such as gs://… are checked when they are read)."""
-  local = lambda path: bool(path) and "://" not in path
-  if c.data.source == "json" and local(c.data.path):
+  """Local files the run reads exist: found now, not after a model is built or SFT has run."""
+  for field in ("data.path", "data.image_root", "tokenizer.path", "model.init", "eval.sets",
+                "eval.image_roots"):
+    check_local_path(field, _get(c, field))
+  if c.data.source == "json" and c.data.path:
     _check(os.path.isfile(c.data.path), "data.path", "an existing .json or .jsonl file",
            c.data.path)
-  elif c.data.source == "tfds" and local(c.data.path):
+  elif c.data.source == "tfds" and c.data.path:
     _check(os.path.isdir(c.data.path), "data.path", "an existing TFDS data_dir", c.data.path)
-  _check(not local(c.data.image_root) or os.path.isdir(c.data.image_root), "data.image_root",
+  _check(not c.data.image_root or os.path.isdir(c.data.image_root), "data.image_root",
          "'' (the data file's directory) or an existing directory", c.data.image_root)
-  _check(not local(c.tokenizer.path) or os.path.isfile(c.tokenizer.path), "tokenizer.path",
+  _check(not c.tokenizer.path or os.path.isfile(c.tokenizer.path), "tokenizer.path",
          "'' (the shipped tokenizer) or an existing SentencePiece model file", c.tokenizer.path)
 
 

@@ -20,9 +20,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU pods, where "
-    "it finds the coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
-    "JAX_PROCESS_ID).")
+    "distributed", False, "Start JAX's multi-controller runtime first, one process per host: on "
+    "a TPU pod it finds the coordinator itself; elsewhere JAX_COORDINATOR_ADDRESS, "
+    "JAX_NUM_PROCESSES and JAX_PROCESS_ID say where it is and which process this is (they start "
+    "it without the flag too; launch/local_multiprocess.sh sets them).")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "On an error, print its traceback after the one-line message (and keep "
     "the libraries' INFO logs).")
@@ -50,13 +51,18 @@ def main(argv):
     _fail("--config: expected a config file such as configs/default.py")
   if _WORKDIR.value is None:
     _fail("--workdir: expected a directory for checkpoints and metrics")
+  if "://" in _WORKDIR.value:  # every host must see the same files: a shared mount
+    _fail(f"--workdir: expected {configuration.MOUNT_HINT}, got {_WORKDIR.value!r}")
   try:
     config = configuration.validate(_CONFIG.value, _MODE.value)
   except configuration.ConfigError as e:
     _fail(str(e))
-  if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+  try:
+    # Before anything touches a device: the runtime decides what jax.devices() is.
+    from openvlthinker import multihost  # pylint: disable=g-import-not-at-top
+    multihost.initialize(_DISTRIBUTED.value)
+  except ValueError as e:
+    _fail(_one_line(e))
   try:
     from openvlthinker.train import runner  # Imported late: the config must validate first.
     runner.run(config, _WORKDIR.value, _MODE.value)

@@ -70,6 +70,19 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """What the processes other than process 0 write metrics to: nothing (one run, one record)."""
+
+  def truncate_after(self, stage: str, step: int) -> None:
+    del stage, step
+
+  def write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
+    del stage, step, metrics
+
+  def close(self):
+    pass
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

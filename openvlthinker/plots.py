@@ -1,17 +1,18 @@
 """PNG plots of a run: per-task RL curves (from metrics.jsonl), evaluation bars, and each evaluation
-set's accuracy over RL steps."""
+set's accuracy over RL steps.
+
+Figures are `matplotlib.figure.Figure`s drawn straight to files, never through pyplot's global
+state: a training run started from a notebook keeps the notebook's own backend and figures.
+"""
 from __future__ import annotations
 
 import os
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from openvlthinker import taxonomy  # noqa: E402
-from openvlthinker.metrics import read_jsonl  # noqa: E402
+from openvlthinker import taxonomy
+from openvlthinker.metrics import read_jsonl
 
 
 def _series(records, stage, key):
@@ -23,7 +24,8 @@ def plot_rl_curves(records, path: str) -> None:
   """Per-task reward, length and entropy over RL steps, one panel each."""
   panels = (("reward", "reward (overall)"), ("length", "response length (tokens)"),
             ("entropy", "token entropy (nats)"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+  fig = Figure(figsize=(5 * len(panels), 3.6))
+  axes = fig.subplots(1, len(panels))
   for ax, (prefix, title) in zip(axes, panels):
     for task in taxonomy.TASK_TYPES:
       pts = _series(records, "rl", f"{prefix}/{task}")
@@ -35,7 +37,6 @@ def plot_rl_curves(records, path: str) -> None:
   axes[0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_eval_bars(evals: dict[str, dict[str, np.ndarray]], path: str,
@@ -44,7 +45,8 @@ def plot_eval_bars(evals: dict[str, dict[str, np.ndarray]], path: str,
   names = list(evals)
   x = np.arange(taxonomy.NUM_TASKS)
   width = 0.8 / max(len(names), 1)
-  fig, ax = plt.subplots(figsize=(9, 3.6))
+  fig = Figure(figsize=(9, 3.6))
+  ax = fig.subplots()
   for i, name in enumerate(names):
     ax.bar(x + i * width, np.nan_to_num(evals[name][metric]), width, label=name)
   ax.set_xticks(x + width * (len(names) - 1) / 2, taxonomy.TASK_TYPES, rotation=15, fontsize=8)
@@ -53,13 +55,13 @@ def plot_eval_bars(evals: dict[str, dict[str, np.ndarray]], path: str,
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_set_accuracy(series: dict[str, np.ndarray], path: str) -> None:
   """Accuracy (mean@K with its 95 % band) of each evaluation set over RL steps; series:
   {set: float[n, 3] rows (step, mean, half-width)} (`eval.report.history`)."""
-  fig, ax = plt.subplots(figsize=(6, 3.6))
+  fig = Figure(figsize=(6, 3.6))
+  ax = fig.subplots()
   for name, rows in series.items():
     ax.plot(rows[:, 0], rows[:, 1], marker="o", lw=1.2, label=name)
     ax.fill_between(rows[:, 0], rows[:, 1] - rows[:, 2], rows[:, 1] + rows[:, 2], alpha=0.15)
@@ -69,7 +71,6 @@ def plot_set_accuracy(series: dict[str, np.ndarray], path: str) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def write_plots(workdir: str, evals: dict[str, dict[str, np.ndarray]]) -> list[str]:

@@ -1,5 +1,5 @@
-"""On-device generation: one jitted call prefills prompts + images and decodes in a
-`lax.while_loop` over a preallocated, sharded KV cache, returning what the trainer needs.
+"""On-device generation: prefill prompts + images, then decode in `lax.while_loop`s over a
+preallocated, sharded KV cache, returning what the trainer needs.
 
 Layout. Prompts arrive right-padded; the sampler right-aligns them in the smallest bucket of Lb
 slots that fits (left padding, masked), so every response starts at slot Lb and all rows write the
@@ -9,19 +9,35 @@ a prompt's result does not depend on how much padding its batch needed. One comp
 
 Rows. B = P·G rows, prompt-major: row b = p·G + g is sample g of prompt p (`out.prompt_index`).
 Row b draws step t with the key fold_in(fold_in(fold_in(rng, prompt_ids[p]), g), t): its tokens
-depend on (rng, prompt id, g) and on nothing else in the batch.
+depend on (rng, prompt id, g) and on nothing else in the batch. An optional cap `max_lengths`
+ends a row after that many tokens as a stop token would (a task's token budget).
 
 Cache. Each prompt is prefilled once (P rows); that cache is the read-only shared prefix of a
 [B, Lr - 1]-slot cache for the responses (`KVCache.prefix`), so a decode step reads a prompt's keys
-once for its G samples. Both live inside the jitted call, in the model's dtype, sharded by the
-`cache_batch` / `act_kv_heads` rules; the loop updates the response cache in place (the compiled
-loop holds no copy of it; tests check the HLO), so there is nothing to donate across the call.
+once for its G samples. Both live on device, in the model's dtype, sharded by the `cache_batch` /
+`act_kv_heads` rules; the loop updates the response cache in place (the compiled loop holds no
+copy of it; tests check the HLO).
 
-Decode. The loop stops when every row has drawn a stop token or after Lr tokens. Filters run only
-when configured (see `sampling`); log-prob and entropy come from one log-softmax per step. At small
-widths a step's time goes mostly to reading the KV cache, so the loop runs in `decode_phases`
-consecutive loops over a response cache that grows between them (each reads only the slots its
-steps can reach), and every step's rotary tables are computed once, before the first.
+Decode. A loop stops when every row has drawn a stop token (or reached its cap) or after Lr
+tokens. Filters run only when configured (see `sampling`); log-prob and entropy come from one
+log-softmax per step. At small widths a step's time goes mostly to reading the KV cache, so the
+loop runs in `decode_phases` consecutive loops over a response cache that grows between them (each
+reads only the slots its steps can reach), and every step's rotary tables are computed once,
+before the first.
+
+Compaction (`SamplerConfig.compact`, `sampler_compact`). Response lengths differ by tens of times
+across tasks, so most of the batch is done long before the last row. With compaction the loops
+are separate jitted calls, and a loop also ends as soon as the prompt groups with a row still
+running fit a smaller live bucket; the host reads which they are (one sync per boundary) and the
+next loop runs only them, gathered (loop state, response cache, prefix rows) into that bucket.
+A row computes what it computes in the single call, with the same key and cache contents: the
+output is the single call's bit for bit where the platform's matmuls sum a row in the same order
+at every row count (XLA:CPU at the tests' sizes, 2 to 8 rows a device); elsewhere log-probs agree
+to float rounding (≤ 6e-6 at benchmarks/length_mix.py's sizes, where YNNPACK sums a
+[R, 256] × [256, N] product in another order below R = 64), and a token differs only where its
+uniform draw falls within that rounding of a boundary. `out.decoded_row_steps` counts the
+row × step slots the loops computed. `Sampler.lower` is the single call (what the HLO checks and
+the memory plan read).
 
 The trainer recomputes log-probs with one teacher-forced forward over the returned sequences:
   logits, _ = model(out.sequence_tokens, out.sequence_positions, images[out.prompt_index],
@@ -33,7 +49,6 @@ The trainer recomputes log-probs with one teacher-forced forward over the return
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax
 import jax
@@ -41,10 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from openvlthinker import sampling
+from openvlthinker import multihost, sampling
 from openvlthinker.fields import check, positive_int
 from openvlthinker.models.protocol import Cache, Positions, VisionLanguageModel
-from openvlthinker.sharding import Sharder, batch_sharding
+from openvlthinker.sharding import Sharder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +74,12 @@ class SamplerConfig:
   over a response cache that grows between them, so early steps do not read slots no token has
   reached yet (the cache reads dominate a step's memory traffic); each phase is one more compiled
   loop body.
+  compact: with more than one phase, run the decode loops as separate jitted calls and drop each
+  prompt group from the batch once its rows are all done, so the loops compute only the live
+  groups (in the smallest live bucket that holds them: `sampler_compact.live_buckets`). The same
+  output (see the module docstring); it costs a call and a host sync at each phase end and each
+  bucket drop, and a compile per (phase, bucket) met. False: one jitted call, every row runs
+  every step until all are done.
   """
   max_new_tokens: int
   temperature: float = 1.0
@@ -70,6 +91,7 @@ class SamplerConfig:
   prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   pad_id: int = 0
   decode_phases: int = 4
+  compact: bool = True
 
   def __post_init__(self):
     for field in ("stop_tokens", "banned_tokens", "prompt_buckets"):
@@ -83,6 +105,7 @@ class SamplerConfig:
     check(0 < self.top_p <= 1, "top_p", "a number in (0, 1] (1 = off)", self.top_p)
     check(positive_int(self.decode_phases), "decode_phases", "a positive integer",
           self.decode_phases)
+    check(isinstance(self.compact, bool), "compact", "True or False", self.compact)
     check(bool(self.prompt_buckets) and all(b > 0 for b in self.prompt_buckets), "prompt_buckets",
           "a non-empty tuple of positive lengths", self.prompt_buckets)
     object.__setattr__(self, "prompt_buckets", tuple(sorted(set(self.prompt_buckets))))
@@ -104,6 +127,9 @@ class SamplerOutput:
     bool[B, Lb + Lr]: right-aligned prompt then response, ready for a teacher-forced forward; the
     logits at column Lb - 1 + t predict response token t (`response_logits`).
   prompt_index int32[B]: the prompt (row of the input batch) each row answers, b // G.
+  decoded_row_steps int32[]: row × step slots the decode loops computed (a padding row of a live
+    bucket counts; step 0, drawn from the prefill's logits, does not): B × the steps run without
+    compaction, fewer with it. The least it can be is Σ max(lengths - 1, 0).
   """
   tokens: jax.Array
   logprobs: jax.Array
@@ -116,6 +142,7 @@ class SamplerOutput:
   prefix_mask: jax.Array
   prompt_index: jax.Array
   response_start: int = flax.struct.field(pytree_node=False)
+  decoded_row_steps: jax.Array | None = None
 
 
 def response_logits(logits: jax.Array, response_len: int, response_start: int) -> jax.Array:
@@ -175,7 +202,7 @@ class _Loop:
   step: jax.Array       # int32[]
   token: jax.Array      # int32[B]    the last drawn token (input of the next forward)
   position: jax.Array   # int32[B]    its decode position (an index into the decode tables)
-  done: jax.Array       # bool[B]     a stop token has been drawn
+  done: jax.Array       # bool[B]     a stop token has been drawn (or the row's cap reached)
   lengths: jax.Array    # int32[B]
   cache: Cache
   tokens: jax.Array     # int32[B, Lr]
@@ -206,25 +233,39 @@ class Sampler:
 
   def __call__(self, state: nnx.State, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
                images: np.ndarray | None, rng: jax.Array, *, group_size: int = 1,
-               prompt_ids: np.ndarray | None = None) -> SamplerOutput:
+               prompt_ids: np.ndarray | None = None,
+               max_lengths: np.ndarray | None = None) -> SamplerOutput:
     """prompt_tokens int32[P, Lp] right-padded, prompt_mask bool[P, Lp], images uint8[P, N, H, W, 3]
     or None, rng a PRNG key; prompt_ids int32[P] (default 0..P-1) name each prompt's random stream.
+    max_lengths: None, or int[P] (per prompt) or int[P·G] (per row), each ≥ 1: a row stops after
+    that many tokens even without a stop token (its length is then the cap; caps above
+    max_new_tokens change nothing).
     """
-    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size)
-    return _generate(state, *args, rng, **self._static(group_size))
+    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size, max_lengths)
+    cfg = self.config
+    if cfg.compact and len(decode_phase_ends(cfg.max_new_tokens, cfg.decode_phases)) > 1:
+      from openvlthinker import sampler_compact  # pylint: disable=g-import-not-at-top
+      return sampler_compact.generate(state, *args, rng, **self._static(group_size))
+    return _GENERATE.on(self.sharder)(state, *args[:4], rng, args[4], **self._static(group_size))
 
   def lower(self, state, prompt_tokens, prompt_mask, images, rng, *, group_size: int = 1,
-            prompt_ids=None) -> jax.stages.Lowered:
-    """The jitted generation for these inputs, lowered (for `.compile()`, cost and HLO checks)."""
-    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size)
-    return _generate.lower(state, *args, rng, **self._static(group_size))
+            prompt_ids=None, max_lengths=None) -> jax.stages.Lowered:
+    """The single jitted generation (no compaction) for these inputs, lowered (for `.compile()`,
+    cost and HLO checks)."""
+    args = self._prepare(prompt_tokens, prompt_mask, images, prompt_ids, group_size, max_lengths)
+    return _GENERATE.on(self.sharder).lower(state, *args[:4], rng, args[4],
+                                            **self._static(group_size))
 
   def _static(self, group_size: int) -> dict:
     return dict(graphdef=self.graphdef, config=self.config, sharder=self.sharder,
                 group_size=group_size)
 
-  def _prepare(self, prompt_tokens, prompt_mask, images, prompt_ids, group_size):
-    """Checks the host batch, right-aligns it in its bucket and places it on the mesh."""
+  def _prepare(self, prompt_tokens, prompt_mask, images, prompt_ids, group_size, max_lengths):
+    """Checks the host batch (this process's prompts: its block of the global batch), right-aligns
+    it in its bucket (the global batch's: every process agrees on it) and places it on the mesh as
+    the global batch: (tokens, mask, images, prompt_ids, per-row caps int32[B] or None).
+    The default prompt ids are global row numbers, so with several processes each prompt keeps
+    the random stream it has in a one-process run of the same global batch."""
     tokens, mask = np.asarray(prompt_tokens), np.asarray(prompt_mask, bool)
     if tokens.ndim != 2 or mask.shape != tokens.shape:
       raise ValueError(f"prompt_tokens/prompt_mask: expected equal shapes [P, Lp], got "
@@ -237,7 +278,9 @@ class Sampler:
     if not isinstance(group_size, int) or group_size < 1:
       raise ValueError(f"group_size: expected a positive integer, got {group_size!r}")
     p = tokens.shape[0]
-    prompt_ids = np.arange(p) if prompt_ids is None else np.asarray(prompt_ids)
+    if prompt_ids is None:
+      prompt_ids = np.arange(p) + multihost.index() * p
+    prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.shape != (p,):
       raise ValueError(f"prompt_ids: expected shape ({p},), got {prompt_ids.shape}")
     if images is not None:
@@ -245,45 +288,35 @@ class Sampler:
       if images.ndim != 5 or images.shape[0] != p or images.dtype != np.uint8:
         raise ValueError(f"images: expected uint8[{p}, N, H, W, 3], got {images.dtype}"
                          f"{list(images.shape)}")
-    aligned, _, aligned_mask = align_prompts(tokens, mask, self.bucket(int(n.max())),
-                                             self.config.pad_id)
-    args = (aligned, aligned_mask, images, prompt_ids.astype(np.int32))
+    if max_lengths is not None:
+      caps = np.asarray(max_lengths)
+      if (caps.shape not in ((p,), (p * group_size,)) or caps.dtype.kind not in "iu"
+          or (caps < 1).any()):
+        raise ValueError(f"max_lengths: expected integers >= 1 of shape ({p},) (per prompt) or "
+                         f"({p * group_size},) (per row), got {caps.dtype}{list(caps.shape)} "
+                         f"{caps.ravel()[:8].tolist()}")
+      if caps.shape[0] != p * group_size:
+        caps = np.repeat(caps, group_size)
+      max_lengths = np.minimum(caps, self.config.max_new_tokens).astype(np.int32)
+    bucket = self.bucket(multihost.max_over_processes(int(n.max())))
+    aligned, _, aligned_mask = align_prompts(tokens, mask, bucket, self.config.pad_id)
+    args = (aligned, aligned_mask, images, np.asarray(prompt_ids).astype(np.int32), max_lengths)
     if self.sharder.mesh is not None:
-      args = tuple(None if x is None else jax.device_put(x, batch_sharding(self.sharder, x.ndim,
-                                                                          x.shape)) for x in args)
+      args = tuple(None if x is None else self.sharder.put_batch(x) for x in args)
     return args
 
 
-# Module level, with the static parts as static arguments: samplers with equal settings share
-# compiled code (e.g. one built per evaluation).
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "sharder", "group_size"))
-def _generate(state, tokens, mask, images, prompt_ids, rng, *, graphdef,
-              config: SamplerConfig, sharder: Sharder, group_size: int) -> SamplerOutput:
-  """tokens int32[P, Lb] and mask bool[P, Lb] from `align_prompts`; images
-  uint8[P, N, H, W, 3] or None; prompt_ids int32[P]; rng a key. See the module docstring."""
-  cfg, shd = config, sharder
-  model: VisionLanguageModel = nnx.merge(graphdef, state)
-  positions, next_position = model.prompt_positions(tokens, mask)
-  g = group_size
-  (p, lb), lr = tokens.shape, cfg.max_new_tokens
-  b = p * g
-  rows = lambda x: shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-  repeat = lambda x: rows(jnp.repeat(x, g, axis=0))
+# --- the pieces both paths trace: the prefill with step 0, a decode phase, the output ---
 
-  # Prefill each prompt once; its G samples attend to that one copy (a shared prefix cache),
-  # then to their own slots, so a decode step reads each prompt's keys once, not G times.
-  logits, prompt_cache = model(tokens, positions, images, model.init_cache(p, lb),
-                               input_mask=mask, prefix_mask=mask, logits_from=lb - 1)
-  # The last response token is never fed back: Lr - 1 own slots in all. Step t (1 ≤ t < Lr) feeds
-  # token t - 1 into slot t - 1, so a phase ending before step `end` needs end - 1 slots.
-  ends = decode_phase_ends(lr, cfg.decode_phases)
-  cache = model.init_cache(b, max(ends[0] - 1, 1), prefix=prompt_cache)
-  tree_repeat = lambda t: jax.tree.map(repeat, t)
+def _rows(shd: Sharder, x: jax.Array) -> jax.Array:
+  """`x` with its leading (row) axis over the data-parallel mesh axes."""
+  return shd.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
-  # Row b = p·G + g: key fold_in(fold_in(rng, prompt_ids[p]), g); step t folds in t.
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, prompt_ids)
-  keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, g, axis=0), jnp.tile(jnp.arange(g), p))
 
+def _steps(model: VisionLanguageModel, cfg: SamplerConfig, keys: jax.Array,
+           caps: jax.Array | None, tables):
+  """`record(s, logits)` (draw step `s.step` of every row from its logits float32[R, V]) and the
+  loop `body(s)`, for R rows with PRNG keys[R] and length caps int32[R] (or None)."""
   def choose(logits, step, done):
     uniform = None
     if not cfg.greedy:
@@ -296,14 +329,12 @@ def _generate(state, tokens, mask, images, prompt_ids, rng, *, graphdef,
     token, logp, ent = choose(logits, s.step, s.done)
     col = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], s.step, axis=1)
     stop = jnp.isin(token, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens else False
+    if caps is not None:
+      stop = stop | (s.step + 1 >= caps)
     return s.replace(step=s.step + 1, token=token, position=s.position + 1,
                      done=s.done | stop, lengths=jnp.where(s.done, s.lengths, s.step + 1),
                      tokens=col(s.tokens, token), logprobs=col(s.logprobs, logp),
                      entropies=col(s.entropies, ent))
-
-  # Tables of every position a step can feed (< Lb + Lr), built once before the loop (~10% of
-  # a step when XLA recomputed rotary angles inside it); a step reads its rows.
-  tables = model.decode_tables(lb + lr)
 
   def body(s: _Loop) -> _Loop:
     step_positions = model.response_positions(s.position, 1)
@@ -311,27 +342,124 @@ def _generate(state, tokens, mask, images, prompt_ids, rng, *, graphdef,
                           rope=model.decode_rope(tables, s.position))
     return record(s.replace(cache=cache), logits[:, 0])
 
-  zeros = lambda dtype: rows(jnp.zeros((b, lr), dtype))
+  return record, body
+
+
+def _start(model: VisionLanguageModel, tokens, mask, images, prompt_ids, rng, max_lengths,
+           cfg: SamplerConfig, shd: Sharder, g: int):
+  """Prefill and step 0 → (loop state after step 0 with a response cache sized for phase 0,
+  keys[B], caps int32[B] or None, decode tables)."""
+  positions, next_position = model.prompt_positions(tokens, mask)
+  (p, lb), lr = tokens.shape, cfg.max_new_tokens
+  b = p * g
+  repeat = lambda x: _rows(shd, jnp.repeat(x, g, axis=0))
+
+  # Prefill each prompt once; its G samples attend to that one copy (a shared prefix cache),
+  # then to their own slots, so a decode step reads each prompt's keys once, not G times.
+  logits, prompt_cache = model(tokens, positions, images, model.init_cache(p, lb),
+                               input_mask=mask, prefix_mask=mask, logits_from=lb - 1)
+  # The last response token is never fed back: Lr - 1 own slots in all. Step t (1 ≤ t < Lr) feeds
+  # token t - 1 into slot t - 1, so a phase ending before step `end` needs end - 1 slots.
+  ends = decode_phase_ends(lr, cfg.decode_phases)
+  cache = model.init_cache(b, max(ends[0] - 1, 1), prefix=prompt_cache)
+
+  # Row b = p·G + g: key fold_in(fold_in(rng, prompt_ids[p]), g); step t folds in t.
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, prompt_ids)
+  keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, g, axis=0), jnp.tile(jnp.arange(g), p))
+  caps = None if max_lengths is None else _rows(shd, max_lengths)
+  # Tables of every position a step can feed (< Lb + Lr), built once before the loop (~10% of
+  # a step when XLA recomputed rotary angles inside it); a step reads its rows.
+  tables = model.decode_tables(lb + lr)
+  record, _ = _steps(model, cfg, keys, caps, tables)
+
+  zeros = lambda dtype: _rows(shd, jnp.zeros((b, lr), dtype))
   start = _Loop(step=jnp.zeros((), jnp.int32), token=jnp.zeros((b,), jnp.int32),
                 position=repeat(next_position - 1), done=jnp.zeros((b,), bool),
                 lengths=jnp.zeros((b,), jnp.int32), cache=cache,
-                tokens=rows(jnp.full((b, lr), cfg.pad_id, jnp.int32)),
+                tokens=_rows(shd, jnp.full((b, lr), cfg.pad_id, jnp.int32)),
                 logprobs=zeros(jnp.float32), entropies=zeros(jnp.float32))
-  s = record(start, repeat(logits[:, 0]))
-  for i, end in enumerate(ends):
-    if i:
-      s = s.replace(cache=model.grow_cache(s.cache, end - 1))
-    s = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done), body, s)
+  return record(start, repeat(logits[:, 0])), keys, caps, tables
 
-  response_mask = jnp.arange(lr) < s.lengths[:, None]
+
+def _phase(s: _Loop, body, end: int, row_steps: jax.Array, *, group_size: int = 1,
+           exit_at: int = 0) -> tuple[_Loop, jax.Array]:
+  """Decodes until step `end`, until every row is done or, with `exit_at` > 0, until at most that
+  many groups of `group_size` consecutive rows have a row running; adds the row × step slots
+  run to `row_steps`."""
+  def running(s):
+    if not exit_at:
+      return ~jnp.all(s.done)
+    return jnp.sum(~jnp.all(s.done.reshape(-1, group_size), axis=1)) > exit_at
+
+  first = s.step
+  s = jax.lax.while_loop(lambda s: (s.step < end) & running(s), body, s)
+  return s, row_steps + s.done.shape[0] * (s.step - first)
+
+
+def _output(model: VisionLanguageModel, tokens, mask, response, g: int, shd: Sharder,
+            row_steps: jax.Array) -> SamplerOutput:
+  """The SamplerOutput of prompts tokens/mask [P, Lb] and `response` (anything with tokens,
+  logprobs, entropies [B, Lr] and lengths [B] of all rows)."""
+  (p, lb), lr = tokens.shape, response.tokens.shape[1]
+  b = p * g
+  positions, next_position = model.prompt_positions(tokens, mask)
+  repeat = lambda x: _rows(shd, jnp.repeat(x, g, axis=0))
+  response_mask = jnp.arange(lr) < response.lengths[:, None]
   response_positions = model.response_positions(repeat(next_position), lr)
   return SamplerOutput(
-      tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, lengths=s.lengths,
-      response_mask=response_mask,
-      sequence_tokens=jnp.concatenate([repeat(tokens), s.tokens], axis=1),
+      tokens=response.tokens, logprobs=response.logprobs, entropies=response.entropies,
+      lengths=response.lengths, response_mask=response_mask,
+      sequence_tokens=jnp.concatenate([repeat(tokens), response.tokens], axis=1),
       sequence_positions=jax.tree.map(lambda a, r: jnp.concatenate([a, r], axis=1),
-                                      tree_repeat(positions), response_positions),
+                                      jax.tree.map(repeat, positions), response_positions),
       sequence_mask=jnp.concatenate([repeat(mask), response_mask], axis=1),
       prefix_mask=jnp.concatenate([repeat(mask), jnp.zeros((b, lr), bool)], axis=1),
       prompt_index=jnp.repeat(jnp.arange(p, dtype=jnp.int32), g),
-      response_start=lb)
+      response_start=lb, decoded_row_steps=row_steps)
+
+
+# XLA:CPU hands a reduction above a size threshold to YNNPACK, which sums in another order than
+# XLA's own loops: a row's log-probs then depend on how many rows share its batch, and compacting
+# the batch would change them. With only dots handed to YNNPACK the tests' model is row-invariant
+# down to 2 rows a shard (a 1-row matmul is a matrix-vector product, summed differently, so live
+# buckets keep 2). YNNPACK's dots are not row-invariant at every shape (see the module
+# docstring); no option found makes them so (Eigen's, with YNNPACK off, are not either).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+STATIC = ("graphdef", "config", "sharder", "group_size")
+
+
+class RowJit:
+  """`fn` jitted as is and, for XLA:CPU, with row-invariant reductions (`_CPU_OPTIONS`);
+  `on(sharder)` is the one for the sharder's platform. Module level, with the static parts as
+  static arguments: samplers with equal settings share compiled code (e.g. one per evaluation)."""
+
+  def __init__(self, fn, static_argnames=STATIC, **kwargs):
+    self.default = jax.jit(fn, static_argnames=static_argnames, **kwargs)
+    self.cpu = jax.jit(fn, static_argnames=static_argnames, compiler_options=_CPU_OPTIONS,
+                       **kwargs)
+
+  def on(self, sharder: Sharder):
+    platform = (sharder.mesh.devices.flat[0].platform if sharder.mesh is not None
+                else jax.default_backend())
+    return self.cpu if platform == "cpu" else self.default
+
+
+def _generate_fn(state, tokens, mask, images, prompt_ids, rng, max_lengths=None, *, graphdef,
+                 config: SamplerConfig, sharder: Sharder, group_size: int) -> SamplerOutput:
+  """tokens int32[P, Lb] and mask bool[P, Lb] from `align_prompts`; images
+  uint8[P, N, H, W, 3] or None; prompt_ids int32[P]; rng a key; max_lengths int32[B] or None.
+  The whole generation in one call, no compaction. See the module docstring."""
+  model: VisionLanguageModel = nnx.merge(graphdef, state)
+  s, keys, caps, tables = _start(model, tokens, mask, images, prompt_ids, rng, max_lengths,
+                                 config, sharder, group_size)
+  _, body = _steps(model, config, keys, caps, tables)
+  row_steps = jnp.zeros((), jnp.int32)
+  for i, end in enumerate(decode_phase_ends(config.max_new_tokens, config.decode_phases)):
+    if i:
+      s = s.replace(cache=model.grow_cache(s.cache, end - 1))
+    s, row_steps = _phase(s, body, end, row_steps)
+  return _output(model, tokens, mask, s, group_size, sharder, row_steps)
+
+
+_GENERATE = RowJit(_generate_fn)
+_generate = _GENERATE.default  # what `plan` lowers for its memory figures (any platform)

@@ -59,9 +59,12 @@ def candidates(logits: jax.Array, cfg: DistributionConfig) -> Candidates:
 
 
 def entropy(c: Candidates) -> jax.Array:
-  """Exact entropy −Σ p log p of the distribution, float32[...]."""
+  """Exact entropy −Σ p log p of the distribution, float32[...]. A removed token (log p = −inf)
+  adds 0, and so does its gradient: the `where` sits inside the product, since `where(p > 0,
+  p · log p, 0)` differentiates its unused branch too, 0 · −inf = NaN (every update with entropy
+  shaping was skipped for it whenever a token is banned, as the image tokens always are)."""
   p = jnp.exp(c.log_probs)
-  return -jnp.sum(jnp.where(p > 0, p * c.log_probs, 0.0), axis=-1)
+  return -jnp.sum(p * jnp.where(p > 0, c.log_probs, 0.0), axis=-1)
 
 
 def log_prob_of(c: Candidates, tokens: jax.Array) -> jax.Array:

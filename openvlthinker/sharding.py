@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from openvlthinker import multihost
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # FSDP over `fsdp`, tensor parallelism over heads, MLP and vocabulary on `tensor`; batch over both
@@ -109,8 +111,11 @@ class Sharder:
     return math.prod(self.mesh.shape[a] for a in axes)
 
   def put_batch(self, x) -> jax.Array:
-    """A host array of whole rows onto the mesh, rows over the data-parallel axes."""
-    return jax.device_put(x, batch_sharding(self, np.ndim(x), np.shape(x)))
+    """This process's rows of a batch (with one process: all of them) onto the mesh as the
+    global batch, rows over the data-parallel axes (`multihost.global_rows`)."""
+    x = np.asarray(x)
+    shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return multihost.global_rows(batch_sharding(self, x.ndim, shape), x)
 
   def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """with_sharding_constraint by logical names (a no-op without a mesh)."""

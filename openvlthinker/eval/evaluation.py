@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from openvlthinker import multihost
 from openvlthinker.eval import report
 from openvlthinker.eval.evaluator import Evaluator, build_evaluators, decoding_from_config, per_task
 from openvlthinker.eval.sets import SUITE_SET, Decoding
@@ -47,9 +48,12 @@ class Evaluation:
   def __call__(self, params, point: str, weights: dict | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     rng = jax.random.key(0)  # the same draws at every point: changes are the policy's
-    all_samples = [e.sample(params, rng) for e in self.evaluators]
-    summaries = report.write_point(self.eval_dir, point, all_samples, self.decoding, weights)
-    report.plot_history(self.eval_dir)
+    all_samples = [e.sample(params, rng) for e in self.evaluators]  # all processes sample
+    if multihost.is_primary():  # every process has every sample; one writes them
+      summaries = report.write_point(self.eval_dir, point, all_samples, self.decoding, weights)
+      report.plot_history(self.eval_dir)
+    else:
+      summaries = {s.name: report.set_summary(s, self.decoding) for s in all_samples}
     suite = [s for s in all_samples if s.name == SUITE_SET]
     return per_task(suite or all_samples), summaries
 

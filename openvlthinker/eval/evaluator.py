@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from openvlthinker import taxonomy
+from openvlthinker import multihost, taxonomy
 from openvlthinker.data import json_source, pipeline
 from openvlthinker.data import tokenizer as tokenizer_lib
 from openvlthinker.eval.sets import SUITE_SET, Decoding, EvalSet, parse_sets
@@ -72,8 +72,9 @@ class Evaluator:
                        f"evaluated ({self.dropped})")
     self.name, self.description, self.decoding = name, description, decoding
     self.tokenizer = tokenizer
-    self.batches = _bucketed_batches(self.items, max(1, batch_size // decoding.num_samples),
-                                     tuple(data_config.prompt_buckets))
+    # Every process takes an equal block of each batch's prompts.
+    prompts = -(-max(1, batch_size // decoding.num_samples) // multihost.count()) * multihost.count()
+    self.batches = _bucketed_batches(self.items, prompts, tuple(data_config.prompt_buckets))
     self.sampler = Sampler(graphdef, SamplerConfig(
         max_new_tokens=max_new_tokens, greedy=decoding.greedy,
         temperature=decoding.temperature or 1.0, top_p=decoding.top_p,
@@ -87,10 +88,12 @@ class Evaluator:
     parts = {m: np.zeros((p, k), np.float64) for m in METRICS}
     texts: list[list[str]] = [[] for _ in range(p)]
     for index, valid, batch in self.batches:
-      out = self.sampler(params, batch["prompt_tokens"], batch["prompt_mask"], batch["images"],
-                         rng, group_size=k, prompt_ids=index)
-      lengths = np.asarray(out.lengths)
-      decoded = scoring.decode_responses(self.tokenizer, np.asarray(out.tokens), lengths)
+      # Each process samples its block of the batch's prompts; every process scores all rows.
+      mine = multihost.block(len(index))
+      out = self.sampler(params, batch["prompt_tokens"][mine], batch["prompt_mask"][mine],
+                         batch["images"][mine], rng, group_size=k, prompt_ids=index[mine])
+      lengths = multihost.all_rows(out.lengths)
+      decoded = scoring.decode_responses(self.tokenizer, multihost.all_rows(out.tokens), lengths)
       rows = np.repeat(np.arange(len(index)), k)  # prompt-major rows, b = prompt · K + sample
       scores = scoring.score_rows(decoded, batch, rows)
       scores["length"] = lengths

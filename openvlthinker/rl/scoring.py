@@ -12,6 +12,7 @@ import atexit
 import concurrent.futures as futures
 import multiprocessing
 import os
+import signal
 import threading
 from typing import Callable, Sequence
 
@@ -88,6 +89,9 @@ def _pool() -> futures.ProcessPoolExecutor | None:
 
 
 def _init_worker() -> None:
+  # Ctrl-C is the trainer's to handle (it saves a checkpoint first); a worker that took it too
+  # would die mid-batch with a traceback, and the batch would score as failed rows.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   math_verify_grader.warm_up()
 
 

@@ -62,11 +62,24 @@ class RolloutBatch:
     """The rows `index` (a slice or int array) of every field."""
     return jax.tree.map(lambda x: x[index], self)
 
-  def trim(self, bucket: int) -> RolloutBatch:
+  def summary(self) -> RowSummary:
+    """The per-row figures of these rows (what is gathered from every process)."""
+    token_entropy = ((np.asarray(self.entropies) * np.asarray(self.response_mask)).sum(1)
+                     / np.maximum(self.lengths, 1))
+    return RowSummary(
+        reward=self.reward, accuracy=self.accuracy, format=self.format,
+        structure=self.structure, length_reward=self.length_reward,
+        overlong_penalty=self.overlong_penalty, lengths=self.lengths, task_ids=self.task_ids,
+        task_keys=self.task_keys, valid=self.valid, token_entropy=token_entropy)
+
+  def trim(self, bucket: int, longest: int | None = None) -> RolloutBatch:
     """Drops response columns past the longest response (rounded up to `bucket` columns, so few
-    shapes compile): the teacher-forced update then skips the padding the sampler reserved."""
+    shapes compile): the teacher-forced update then skips the padding the sampler reserved.
+    `longest`: the longest response of the whole global batch, when these rows are one process's
+    part of it (every process must keep the same columns)."""
     width = np.shape(self.tokens)[1]
-    keep = min(width, -(-max(int(np.max(self.lengths)), 1) // bucket) * bucket)
+    longest = int(np.max(self.lengths)) if longest is None else longest
+    keep = min(width, -(-max(longest, 1) // bucket) * bucket)
     if keep == width:
       return self
     response = lambda x: None if x is None else x[:, :keep]
@@ -94,6 +107,27 @@ class RolloutBatch:
         sequence_positions=jax.tree.map(left, self.sequence_positions),
         sequence_mask=left(self.sequence_mask), prefix_mask=left(self.prefix_mask),
         response_start=response_start)
+
+
+@flax.struct.dataclass
+class RowSummary:
+  """The per-row figures of a `RolloutBatch` that the advantages, the shaping statistics and the
+  metrics read, [B] each: reward, accuracy, format, structure, length_reward, overlong_penalty
+  (or None) float32; lengths, task_ids, task_keys int32; valid bool; token_entropy float: the
+  mean sampled-token entropy of each response. Small, so gathered from every process whole
+  (`multihost.gather_tree`), unlike the token arrays, which stay with the process that sampled
+  them."""
+  reward: Any
+  accuracy: Any
+  format: Any
+  structure: Any
+  length_reward: Any
+  overlong_penalty: Any
+  lengths: Any
+  task_ids: Any
+  task_keys: Any
+  valid: Any
+  token_entropy: Any
 
 
 def concatenate(parts: Sequence[RolloutBatch]) -> RolloutBatch:

@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from openvlthinker import sharding, taxonomy
-from openvlthinker.data import pipeline
+from openvlthinker.data import pipeline, shards
 from openvlthinker.data.tokenizer import load_tokenizer
 from openvlthinker.models import registry
 from openvlthinker.models.hf import pretrained
@@ -30,6 +30,8 @@ class Context:
   graphdef: nnx.GraphDef
   initial_params: Any
   tokenizer: Any
+  # The training stream's data shards, and which are this process's.
+  data_shards: shards.ShardLayout = shards.ShardLayout(count=1, first=0, owned=1)
 
   @property
   def uses_images(self) -> bool:
@@ -51,6 +53,16 @@ class Context:
         mixture=d.mixture.to_dict(), difficulty=d.difficulty.to_dict(), seed=self.config.seed,
         worker_count=d.worker_count, skip_bad_records=d.skip_bad_records,
         max_image_pixels=d.max_image_pixels)
+
+  def sft_batches(self) -> shards.ShardedBatches:
+    """This process's SFT batches: its shards' parts of each global `data.batch_size` batch."""
+    per_shard = self.data_shards.per_shard(self.config.data.batch_size, "data.batch_size")
+    return shards.sft_batches(self.data_config(per_shard), self.tokenizer, self.data_shards)
+
+  def rl_batches(self) -> shards.ShardedBatches:
+    """This process's RL prompt batches: its shards' parts of each `rl.prompts_per_step`."""
+    per_shard = self.data_shards.per_shard(self.config.rl.prompts_per_step, "rl.prompts_per_step")
+    return shards.rl_batches(self.data_config(per_shard), self.tokenizer, self.data_shards)
 
 
 def make_sharder(config: ml_collections.ConfigDict) -> sharding.Sharder:
@@ -79,7 +91,8 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     step, params = loop.StageCheckpoints.at(config.model.init).restore_params(params)
     print(f"model.init: parameters of step {step} from {config.model.init}", flush=True)
   return Context(config=config, workdir=workdir, sharder=sharder, model=model, model_info=info,
-                 graphdef=graphdef, initial_params=params, tokenizer=tokenizer)
+                 graphdef=graphdef, initial_params=params, tokenizer=tokenizer,
+                 data_shards=shards.ShardLayout.for_processes(config.data.get("shards", 0)))
 
 
 CONFIG_FILE = "config.json"  # a run's config, written by each training run of the workdir

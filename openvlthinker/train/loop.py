@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 import flax
 import jax
 
+from openvlthinker import multihost
 from openvlthinker.train.checkpoint import Checkpointer, leaf_name
 
 
@@ -168,10 +169,13 @@ def run_stage(name: str, steps: int, state: Any, step_fn: Callable[[Any, int], t
       done = step + 1 == steps
       if after_step is not None:
         after_step(step + 1, state, done)
-      if done or (step + 1) % checkpoint_every == 0 or preempt.requested:
+      # A signal one host received stops every process at the same step (the save is collective).
+      stop = multihost.any_process(preempt.requested is not None)
+      if done or (step + 1) % checkpoint_every == 0 or stop:
         ckpts.save(step + 1, state, {"data_iterator": data_iter.get_state(), **save_meta()})
-      if preempt.requested and not done:
-        raise Preempted(f"{preempt.requested}: saved the {name} checkpoint at step {step + 1}")
+      if stop and not done:
+        raise Preempted(f"{preempt.requested or 'a signal to another process'}: saved the "
+                        f"{name} checkpoint at step {step + 1}")
   finally:
     bar.close()
     preempt.restore()

@@ -18,12 +18,13 @@ shards). Micro-batches past `num_micro` are empty and never run (the update loop
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import numpy as np
 
+from openvlthinker import multihost
 from openvlthinker.fields import check, positive_int
 from openvlthinker.models.packed import PackedLayout
 from openvlthinker.train.batch import RolloutBatch
@@ -150,13 +151,20 @@ def _rows_first_fit(sizes: list[int], row_tokens: int) -> list[list[int]]:
   return rows
 
 
+def _same_sizes(sizes: tuple[int, ...]) -> tuple[int, ...]:
+  return sizes
+
+
 def pack(mb: RolloutBatch, cfg: PackingConfig, *, group_size: int, shards: int = 1,
-         image_token_id: int | None = None) -> tuple[PackedMicros, PackStats]:
+         image_token_id: int | None = None,
+         agree: Callable[[tuple[int, ...]], tuple[int, ...]] = _same_sizes
+         ) -> tuple[PackedMicros, PackStats]:
   """A host minibatch of whole groups (prompt-major, `group_size` rows each) → PackedMicros
   (numpy) and its PackStats. `shards`: the batch shards (S and Q are rounded up to a multiple; an R
   that is not one leaves the rows unsharded, as a padded micro-batch of too few rows is);
-  `image_token_id`: the
-  token whose occurrences take image features (None: the batch has no images)."""
+  `image_token_id`: the token whose occurrences take image features (None: the batch has no
+  images). `agree`: maps this packing's (micro-batches in use, M, S, Q) to the ones to use, at
+  least as large (each process's part of a global minibatch packs with the largest of all)."""
   if mb.size % group_size:
     raise ValueError(f"pack: {mb.size} rows are not whole groups of {group_size}")
   t, r_per, lb = cfg.row_tokens, cfg.rows_per_micro, mb.response_start
@@ -167,9 +175,10 @@ def pack(mb: RolloutBatch, cfg: PackingConfig, *, group_size: int, shards: int =
   micro_rows = [rows[m * r_per:(m + 1) * r_per] for m in range(num_micro)]
   seg_count = [sum(len(x) for x in mrows) for mrows in micro_rows]
   resp_count = [sum(len(segments[k][1]) for x in mrows for k in x) for mrows in micro_rows]
-  m_cap = _bucket(num_micro, 1)
-  s_cap = _bucket(max(resp_count), shards)
-  q_cap = _bucket(max(seg_count), shards)
+  num_micro, m_cap, s_cap, q_cap = agree(
+      (num_micro, _bucket(num_micro, 1), _bucket(max(resp_count), shards),
+       _bucket(max(seg_count), shards)))
+  micro_rows += [[]] * (num_micro - len(micro_rows))
 
   # Where each packed token comes from: (row, column) of the padded layout; -1 on padding.
   src_row = np.full((m_cap, r_per, t), -1, np.int64)
@@ -239,14 +248,34 @@ def pack(mb: RolloutBatch, cfg: PackingConfig, *, group_size: int, shards: int =
   return packed, stats
 
 
+def for_process(packed: PackedMicros, process: int, local_rows: int) -> PackedMicros:
+  """This process's packing of its `local_rows` minibatch rows as its block of the global one:
+  its R/n packed rows, S/n table rows and Q/n image sets follow the earlier processes', so the
+  indices into a micro-batch's rows (`source`), image sets (`layout.image_set`) and minibatch rows
+  (`rows`) move up by as many."""
+  if process == 0:
+    return packed
+  _, r, t = packed.tokens.shape
+  q = 0 if packed.images is None else packed.images.shape[1]
+  rows = np.asarray(packed.rows)
+  return packed.replace(
+      source=np.asarray(packed.source) + process * r * t,
+      layout=packed.layout.replace(image_set=np.asarray(packed.layout.image_set) + process * q),
+      rows=np.where(rows >= 0, rows + process * local_rows, rows).astype(rows.dtype))
+
+
 def put(packed: PackedMicros, sharder) -> PackedMicros:
   """PackedMicros onto the mesh: axis 1 (packed rows, table rows, image sets) over the batch
-  shards, the micro-batch axis unsharded (the update indexes it); `num_micro` replicated."""
+  shards, the micro-batch axis unsharded (the update indexes it); `num_micro` replicated. With
+  several processes each passes its block of axis 1 (`for_process`)."""
   if sharder.mesh is None:
     return jax.tree.map(jax.numpy.asarray, packed)
+  n = multihost.count()
   def one(x):
     x = np.asarray(x)
-    if x.ndim == 0:
-      return jax.device_put(x, sharder.replicated())
-    return jax.device_put(x, sharder.sharding((None, "batch") + (None,) * (x.ndim - 2), x.shape))
+    if x.ndim == 0:  # the micro-batches in use: agreed, the same on every process
+      return multihost.replicated(sharder.replicated(), x)
+    shape = (x.shape[0], x.shape[1] * n) + x.shape[2:]
+    sharding = sharder.sharding((None, "batch") + (None,) * (x.ndim - 2), shape)
+    return multihost.global_rows(sharding, x, axis=1)
   return jax.tree.map(one, packed)

@@ -43,6 +43,8 @@ def check(ctx, mode: str) -> Evaluation | None:
   if mode in ("sft", "all") and c.sft.steps:
     _probe("sft", pipeline.SftFeatures(sft_config, ctx.tokenizer), sft_config, source)
   if mode in ("rl", "all"):
+    from openvlthinker.train.rl_stage import check_layout  # pylint: disable=g-import-not-at-top
+    check_layout(c, ctx.data_shards)
     config = ctx.data_config(c.rl.prompts_per_step)
     if c.rl.steps:
       _probe("rl", pipeline.RlFeatures(config, ctx.tokenizer), config, source)

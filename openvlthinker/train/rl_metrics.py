@@ -12,7 +12,7 @@ import numpy as np
 
 from openvlthinker import taxonomy
 from openvlthinker.rl.scoring import per_task_means
-from openvlthinker.train.batch import RolloutBatch
+from openvlthinker.train.batch import RowSummary
 
 T = taxonomy.TASK_TYPES
 EVAL_KEYS = ("accuracy", "overall", "format", "length", "unparsable")
@@ -31,7 +31,7 @@ def eval_metrics(results: dict[str, np.ndarray]) -> dict[str, float]:
   return out
 
 
-def reduce_updates(updates: Sequence[dict[str, np.ndarray]], batch: RolloutBatch
+def reduce_updates(updates: Sequence[dict[str, np.ndarray]], batch: RowSummary
                    ) -> dict[str, float]:
   """The metrics of the step's minibatch updates → one value each (skips summed, the rest
   averaged; per-task advantage statistics keyed by task id, NaN for tasks with no valid row)."""
@@ -48,9 +48,10 @@ def reduce_updates(updates: Sequence[dict[str, np.ndarray]], batch: RolloutBatch
   return out
 
 
-def rollout_metrics(batch: RolloutBatch, sampled: dict[str, np.ndarray],
+def rollout_metrics(batch: RowSummary, sampled: dict[str, np.ndarray],
                     length_shaping: bool) -> dict[str, float]:
-  """Reward parts over every sampled response; entropy, lengths and the length term per task."""
+  """Reward parts over every sampled response; entropy, lengths and the length term per task
+  (`batch`: the rollout's rows, all processes')."""
   out = {}
   means = per_task_means(sampled, sampled["task_ids"], len(T))
   for key, name in (("reward", "reward"), ("accuracy", "reward_accuracy"),
@@ -63,10 +64,8 @@ def rollout_metrics(batch: RolloutBatch, sampled: dict[str, np.ndarray],
         {"r": batch.length_reward}, batch.task_ids, len(T), batch.valid)["r"]))
   if batch.overlong_penalty is not None and np.any(batch.overlong_penalty != 0):
     out["overlong_penalty/mean"] = float(np.mean(batch.overlong_penalty[batch.valid]))
-  token_entropy = ((batch.entropies * batch.response_mask).sum(1)
-                   / np.maximum(batch.lengths, 1))
   out.update(per_task("entropy", per_task_means(
-      {"h": token_entropy}, batch.task_ids, len(T), batch.valid)["h"]))
+      {"h": batch.token_entropy}, batch.task_ids, len(T), batch.valid)["h"]))
   out.update(per_task("length", per_task_means(
       {"l": batch.lengths.astype(np.float64)}, batch.task_ids, len(T))["l"]))
   return out

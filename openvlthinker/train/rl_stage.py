@@ -13,6 +13,7 @@ k reproduces the uninterrupted run's steps k+1, k+2, … exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -21,15 +22,14 @@ import jax
 import numpy as np
 import optax
 
-from openvlthinker import configuration
-from openvlthinker.data import pipeline
+from openvlthinker import configuration, multihost
 from openvlthinker.errors import RunError
 from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker.rl import advantages as advantages_lib
 from openvlthinker.sampler import Sampler
 from openvlthinker.train import loop, packing, rl, rl_metrics
 from openvlthinker.train import rollout as rollout_lib
-from openvlthinker.train.batch import RolloutBatch
+from openvlthinker.train.batch import RolloutBatch, RowSummary
 from openvlthinker.train.context import Context, task_key_ids
 from openvlthinker.train.reward import LengthShaping, OverlongPenalty, TrainingReward
 from openvlthinker.train.state import (TrainState, create_train_state, make_optimizer,
@@ -37,6 +37,30 @@ from openvlthinker.train.state import (TrainState, create_train_state, make_opti
 
 # The update's response width is rounded up to a multiple of this (few shapes compile).
 RESPONSE_BUCKET = 16
+# Rollout counts that add up over processes (the rest are the same everywhere, or timings).
+_SUMMED_STATS = ("groups_sampled", "groups_kept", "groups_invalid", "records_dropped",
+                 "generated_tokens")
+
+
+def gathered_rows(batch: RolloutBatch) -> RowSummary:
+  """The per-row figures of every process's rows of the rollout, in global row order."""
+  return multihost.gather_tree(batch.summary())
+
+
+def check_layout(c, data_shards) -> None:
+  """Raises ValueError naming the field when the RL batch does not split over the data shards
+  and processes (checked before anything compiles, `preflight`, and by the stage)."""
+  r = c.rl
+  per_shard = r.prompts_per_step // data_shards.count
+  if per_shard % r.updates_per_rollout:
+    raise ValueError(f"rl.updates_per_rollout: expected a divisor of each data shard's "
+                     f"{per_shard} prompts (rl.prompts_per_step / {data_shards.count} "
+                     f"data.shards), got {r.updates_per_rollout}")
+  n = multihost.count()
+  rows_per_micro = configuration.build_packing(c).rows_per_micro
+  if r.packing.enabled and rows_per_micro % n:
+    raise ValueError(f"rl.packing.rows_per_micro: expected a multiple of the {n} processes (each "
+                     f"packs its rows into its part of a micro-batch), got {rows_per_micro}")
 
 
 def rl_optimizer(r) -> optax.GradientTransformation:
@@ -61,8 +85,13 @@ class RLStage:
     self.reward = TrainingReward(LengthShaping.from_config(r.length, r.sampler.max_new_tokens),
                                  OverlongPenalty.from_config(r.overlong, r.sampler.max_new_tokens))
     self.advantage_fn = jax.jit(advantages_lib.batch_estimator(r.advantage))
-    self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout
+    self.rows = r.prompts_per_step * r.group_size // r.updates_per_rollout  # global minibatch
+    check_layout(c, ctx.data_shards)
+    self.local_prompts = r.prompts_per_step // ctx.data_shards.count * ctx.data_shards.owned
     self.packing = configuration.build_packing(c)
+    # Each process packs its own rows into its part of every packed micro-batch.
+    self.local_packing = dataclasses.replace(
+        self.packing, rows_per_micro=self.packing.rows_per_micro // multihost.count())
     self.state_shardings = train_state_shardings(ctx.initial_params, self.tx, ctx.sharder,
                                                  self.reward.init_stats())
     self.update = rl.make_update(
@@ -99,33 +128,48 @@ class RLStage:
     r = self.c.rl
     key = r.advantage_task_key
     return rollout_lib.collect(
-        self.sampler, params, data_iter, self.ctx.tokenizer, rng, prompts=r.prompts_per_step,
-        group_size=r.group_size, filter_groups=r.filter.enabled, low=r.filter.low,
-        high=r.filter.high, max_tries=r.filter.max_tries,
+        self.sampler, params, data_iter, self.ctx.tokenizer, rng, prompts=self.local_prompts,
+        shards=self.ctx.data_shards.owned, group_size=r.group_size,
+        filter_groups=r.filter.enabled, low=r.filter.low, high=r.filter.high,
+        max_tries=r.filter.max_tries,
         reward_fn=lambda scores, lengths, task_ids: self.reward(scores, lengths, task_ids,
                                                                 thresholds),
         task_key_fn=lambda problem_types, task_ids: task_key_ids(problem_types, task_ids, key),
         use_images=self.ctx.uses_images)
 
-  def advantages(self, batch: RolloutBatch) -> RolloutBatch:
-    """The estimator over the whole batch; zero on invalid rows (the estimators' contract)."""
-    group_ids = np.arange(batch.size, dtype=np.int32) // self.c.rl.group_size
+  def advantages(self, batch: RolloutBatch, rows: RowSummary | None = None) -> RolloutBatch:
+    """`batch` (this process's rows) with the estimator's advantages, computed over the whole
+    global batch, `rows` (`gathered_rows(batch)` when None); zero on invalid rows."""
+    rows = gathered_rows(batch) if rows is None else rows
+    group_ids = np.arange(len(rows.reward), dtype=np.int32) // self.c.rl.group_size
     # Dense task ids in [0, B), the estimators' contract (a task or problem-type id can exceed a
     # small batch); the stage-2 grouping by equal key is unchanged.
-    _, task_ids = np.unique(batch.task_keys, return_inverse=True)
+    _, task_ids = np.unique(rows.task_keys, return_inverse=True)
     # The reward's parts, for the estimators that normalise each separately (GDPO, GS-GDPO).
-    parts = np.stack([batch.accuracy, batch.format, batch.structure], axis=1)
-    adv = self.advantage_fn(batch.reward, group_ids, task_ids.astype(np.int32), batch.valid,
-                            parts=parts, lengths=batch.lengths)
-    return batch.replace(advantages=np.asarray(adv, np.float32))
+    parts = np.stack([rows.accuracy, rows.format, rows.structure], axis=1)
+    adv = self.advantage_fn(rows.reward, group_ids, task_ids.astype(np.int32), rows.valid,
+                            parts=parts, lengths=rows.lengths)
+    mine = multihost.block(len(rows.reward))
+    return batch.replace(advantages=np.asarray(adv, np.float32)[mine])
 
-  def updates(self, state: TrainState, batch: RolloutBatch, ref_params
+  def minibatch_rows(self, local_rows: int, u: int) -> np.ndarray:
+    """This process's rows of optimizer minibatch u: the u-th slice of each of its data shards'
+    rows (with one shard, rows [u·m, (u+1)·m))."""
+    shards, updates = self.ctx.data_shards.owned, self.c.rl.updates_per_rollout
+    per_shard = local_rows // shards
+    m = per_shard // updates
+    return np.concatenate([np.arange(j * per_shard + u * m, j * per_shard + (u + 1) * m)
+                           for j in range(shards)])
+
+  def updates(self, state: TrainState, batch: RolloutBatch, ref_params, longest: int
               ) -> tuple[TrainState, list[dict]]:
-    """One optimizer step per minibatch of `self.rows` rows (whole groups, in order)."""
-    batch = batch.trim(RESPONSE_BUCKET)
+    """One optimizer step per minibatch of `self.rows` rows (whole groups of every data shard).
+    `longest`: the longest response of the global batch (every process trims alike)."""
+    batch = batch.left_pad_prompts(multihost.max_over_processes(batch.response_start))
+    batch = batch.trim(RESPONSE_BUCKET, longest)
     metrics = []
     for u in range(self.c.rl.updates_per_rollout):
-      mb = self.place(batch.rows(slice(u * self.rows, (u + 1) * self.rows)))
+      mb = self.place(batch.rows(self.minibatch_rows(batch.size, u)))
       if self.loss_config.kl_coef > 0:
         mb = mb.replace(ref_logprobs=self.reference_logprobs(ref_params, mb))
       state, m = self.update(state, mb)
@@ -139,15 +183,18 @@ class RLStage:
     if not self.packing.enabled:
       return jax.tree.map(shd.put_batch, mb)
     image_token_id = getattr(self.ctx.model.cfg, "image_token_id", None)
-    packed, _ = packing.pack(mb, self.packing, group_size=self.c.rl.group_size,
-                             shards=shd.shards("batch"),
-                             image_token_id=image_token_id if mb.images is not None else None)
-    return packing.put(packed, shd)
+    # Each process packs its own rows into its block of every micro-batch's R rows.
+    n = multihost.count()
+    packed, _ = packing.pack(mb, self.local_packing, group_size=self.c.rl.group_size,
+                             shards=max(shd.shards("batch") // n, 1),
+                             image_token_id=image_token_id if mb.images is not None else None,
+                             agree=multihost.max_over_processes)
+    return packing.put(packing.for_process(packed, multihost.index(), mb.size), shd)
 
-  def count_empty(self, step: int, batch: RolloutBatch, sampled_groups: int) -> bool:
-    """Whether the filter kept no group this step: warns, and raises RunError after
-    `rl.filter.max_empty_steps` such steps in a row."""
-    if batch.valid.any():
+  def count_empty(self, step: int, rows: RowSummary, sampled_groups: int) -> bool:
+    """Whether the filter kept no group this step (`rows`: the whole batch's): warns, and raises
+    RunError after `rl.filter.max_empty_steps` such steps in a row."""
+    if rows.valid.any():
       self.empty_streak = 0
       return False
     self.empty_streak += 1
@@ -168,18 +215,21 @@ class RLStage:
     start = time.perf_counter()
     rng = jax.random.fold_in(jax.random.key(self.c.seed + 1), step)
     ro = self.rollout(state.params, data_iter, rng, self.reward.thresholds(state.extra))
-    batch = self.advantages(ro.batch)
+    rows = gathered_rows(ro.batch)  # every process's per-row figures: small, gathered once
+    batch = self.advantages(ro.batch, rows)
     state = state.replace(extra=self.reward.update_stats(
-        state.extra, batch.lengths, batch.task_ids, batch.accuracy, batch.valid))
+        state.extra, rows.lengths, rows.task_ids, rows.accuracy, rows.valid))
     update_start = time.perf_counter()
-    empty = self.count_empty(step, batch, ro.stats["groups_sampled"])
+    stats = _global_stats(ro.stats)
+    empty = self.count_empty(step, rows, stats["groups_sampled"])
     update_metrics = {}
     if not empty:  # An update on no rows would still move the weights (momentum, decay).
-      state, updates = self.updates(state, batch, ref_params)
-      update_metrics = rl_metrics.reduce_updates(updates, batch)
-    metrics = {**ro.stats, "update_s": time.perf_counter() - update_start, **update_metrics,
+      state, updates = self.updates(state, batch, ref_params, int(rows.lengths.max()))
+      update_metrics = rl_metrics.reduce_updates(updates, rows)
+    sampled = multihost.gather_tree(ro.sampled)
+    metrics = {**stats, "update_s": time.perf_counter() - update_start, **update_metrics,
                "empty_step": float(empty),
-               **rl_metrics.rollout_metrics(batch, ro.sampled, self.c.rl.length.enabled),
+               **rl_metrics.rollout_metrics(rows, sampled, self.c.rl.length.enabled),
                "skipped_steps_total": int(state.skipped)}
     metrics["step_s"] = time.perf_counter() - start
     metrics["tokens_per_s"] = metrics["generated_tokens"] / metrics["step_s"]
@@ -193,8 +243,7 @@ class RLStage:
   def run(self, initial_params) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
     """Trains from `initial_params` (or resumes); returns (params, {eval name: results})."""
     c = self.c
-    data_iter = iter(pipeline.rl_dataset(self.ctx.data_config(c.rl.prompts_per_step),
-                                         self.ctx.tokenizer))
+    data_iter = self.ctx.rl_batches()
     state = self.initial_state(initial_params)
     evals: dict[str, dict[str, np.ndarray]] = {}
 
@@ -229,3 +278,11 @@ class RLStage:
     if "after_rl" not in evals:  # Finished earlier; the final evaluation is in the checkpoint.
       evals["after_rl"] = self.evaluate(state.params, c.rl.steps)
     return state.params, evals
+
+
+def _global_stats(stats: dict[str, float]) -> dict[str, float]:
+  """A rollout's stats with the counts summed over processes (timings stay this process's)."""
+  if multihost.count() == 1:
+    return stats
+  totals = multihost.concat(np.asarray([[stats[k] for k in _SUMMED_STATS]], np.float64)).sum(0)
+  return {**stats, **{k: int(v) for k, v in zip(_SUMMED_STATS, totals)}}

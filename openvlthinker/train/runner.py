@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 
 from openvlthinker import eval as eval_lib
@@ -20,7 +19,8 @@ from openvlthinker.eval import report as eval_report
 from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker import plots
 from openvlthinker.fields import FieldError
-from openvlthinker.metrics import MetricsWriter
+from openvlthinker import multihost
+from openvlthinker.metrics import MetricsWriter, NullWriter
 from openvlthinker.train import loop, preflight, sft
 from openvlthinker.train import weights as weights_lib
 from openvlthinker.train.context import build_context, record_run
@@ -60,15 +60,17 @@ def evaluate(ctx) -> str:
   point = eval_report.point_name(chosen.label)
   results, summaries = evaluation(chosen.params, point, weights)
   path = os.path.join(evaluation.eval_dir, f"{point}.json")
-  with open(path, "w") as f:
-    json.dump({"weights": weights, "eval_set": evaluation.description,
-               "results": {k: np.asarray(v).tolist() for k, v in results.items()}}, f, indent=1)
+  if multihost.is_primary():
+    with open(path, "w") as f:
+      json.dump({"weights": weights, "eval_set": evaluation.description,
+                 "results": {k: np.asarray(v).tolist() for k, v in results.items()}}, f, indent=1)
   return (eval_lib.format_table({chosen.label: results}, "overall") + "\n\n"
           + eval_report.format_summary(summaries, evaluation.decoding)
           + f"\nwrote {path} and {os.path.join(evaluation.eval_dir, point)}/")
 
 
 def report(workdir: str, evals: dict, description: str = "") -> str:
+  """The run's report text; process 0 also writes eval_table.md and eval_summary.json."""
   table = eval_lib.format_table(evals, "overall")
   eval_set = f"Evaluated on {description}.\n\n" if description else ""
   accuracy = eval_lib.format_table(evals, "accuracy")
@@ -78,6 +80,8 @@ def report(workdir: str, evals: dict, description: str = "") -> str:
   text = (f"{eval_set}Held-out overall reward per task:\n\n{table}\n\n"
           f"Held-out accuracy per task:\n\n{accuracy}\n\n"
           f"RL raised the held-out overall reward on {improved} of {present} task types.\n")
+  if not multihost.is_primary():
+    return text
   with open(os.path.join(workdir, "eval_table.md"), "w") as f:
     f.write(text)
   with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
@@ -99,7 +103,7 @@ def run(config, workdir: str, mode: str):
     ctx = build_context(config, workdir)
     record_run(ctx)
     evaluation = preflight.check(ctx, mode)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir) if multihost.is_primary() else NullWriter()
     try:
       if mode == "sft":
         sft.run_sft(ctx, writer)
@@ -110,7 +114,7 @@ def run(config, workdir: str, mode: str):
       stage = RLStage(ctx, writer, evaluation)
       _, evals = stage.run(start.params)
       print(report(workdir, evals, stage.evaluation.description))
-      for path in plots.write_plots(workdir, evals):
+      for path in plots.write_plots(workdir, evals) if multihost.is_primary() else ():
         print(f"wrote {path}")
     except loop.Preempted as e:
       print(str(e) + "; rerun the same command to resume", file=sys.stderr)

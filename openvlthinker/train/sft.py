@@ -1,7 +1,8 @@
 """Cold-start SFT: cross-entropy on the response tokens of the suite's reasoning traces.
 
-Batches come from `data.pipeline.sft_dataset`: `loss_mask[b, t]` marks target positions, so the
-logits at t - 1 are scored against tokens[t] there. The loss is a token mean over the batch.
+Batches come from `data.pipeline.sft_dataset` (each process reads its data shards' rows of the
+global batch, `data/shards.py`): `loss_mask[b, t]` marks target positions, so the logits at t - 1
+are scored against tokens[t] there. The loss is a token mean over the global batch.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from openvlthinker import multihost
 from openvlthinker.data import pipeline
 from openvlthinker.train import loop
 from openvlthinker.train.state import (TrainState, apply_gradients, create_train_state,
@@ -67,7 +69,7 @@ def run_sft(ctx, metrics_writer) -> Any:
   if c.sft.steps == 0:
     return ctx.initial_params
   state, state_shardings = create_train_state(ctx.initial_params, tx, ctx.sharder)
-  data_iter = iter(pipeline.sft_dataset(ctx.data_config(c.data.batch_size), ctx.tokenizer))
+  data_iter = ctx.sft_batches()  # this process's rows of each global batch
   compiled = {}
 
   def sft_step(state, step):
@@ -79,7 +81,7 @@ def run_sft(ctx, metrics_writer) -> Any:
                                      jax.tree.map(lambda x: x.sharding, device_batch))
     state, metrics = compiled["fn"](state, device_batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    metrics["records_dropped"] = int(batch["num_dropped"])
+    metrics["records_dropped"] = int(multihost.concat(batch["num_dropped"][None]).sum())
     return state, metrics
 
   state = loop.run_stage(

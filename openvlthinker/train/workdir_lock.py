@@ -15,6 +15,7 @@ import time
 
 import jax
 
+from openvlthinker import multihost
 from openvlthinker.errors import RunError
 
 LOCK_NAME = ".lock"
@@ -55,8 +56,19 @@ class WorkdirLock:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": sys.argv}
 
   def acquire(self) -> None:
-    if not self.enabled:
-      return
+    """Takes the lock (process 0); every process raises the RunError when it could not."""
+    error = None
+    if self.enabled:
+      try:
+        self._acquire()
+      except RunError as e:
+        error = str(e)
+    # The other processes learn it here rather than waiting for process 0 in a collective.
+    error = multihost.first_error(error)
+    if error:
+      raise RunError(error)
+
+  def _acquire(self) -> None:
     for _ in range(100):  # Bounded: each pass either takes the lock or clears a stale one.
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -201,7 +201,7 @@ def test_layouts_are_the_hf_maths(cfg):
   """The hooks' layouts, on known tensors: the Conv3d kernel flattens as (C, T, P, P) and the
   fused qkv rows split into q, k, v, then heads."""
   rules = {r.ours: r for r in hf_rules("", "")}
-  d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+  d, h = cfg.hidden_size, cfg.head_dim
   kernel = np.random.default_rng(0).standard_normal((d, 3, 2, 16, 16), np.float32)
   flat = np.random.default_rng(1).standard_normal((5, 3, 2, 16, 16), np.float32)
   conv = torch.nn.functional.conv3d(torch.from_numpy(flat), torch.from_numpy(kernel),

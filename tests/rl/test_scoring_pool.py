@@ -101,6 +101,24 @@ def test_a_row_that_raises_in_a_worker_scores_as_unparsable():
   _assert_same({k: v[keep] for k, v in got.items()}, {k: v[keep] for k, v in want.items()})
 
 
+def test_ctrl_c_reaches_the_trainer_not_the_workers():
+  """A Ctrl-C (SIGINT to the terminal's process group) is the trainer's to handle: it saves a
+  checkpoint first. The workers ignore it and the next batch still scores in the pool."""
+  import signal
+  texts, batch, index = _batch(copies=2)
+  scoring.score_rows(texts, batch, index)  # the pool is up
+  pool = scoring._state["pool"]
+  workers = list(pool._processes.values())
+  for process in workers:
+    os.kill(process.pid, signal.SIGINT)
+  for process in workers:
+    process.join(timeout=1.0)
+    assert process.is_alive(), "a worker died of SIGINT"
+  assert scoring._state["pool"] is pool
+  _assert_same(scoring.score_rows(texts, batch, index),
+               rewards.score_batch(texts, _examples(batch, index)))
+
+
 @pytest.mark.slow  # three pool starts: the first, and one after each death of the worker
 def test_a_worker_that_dies_costs_its_row_only(fresh_pool, monkeypatch):
   monkeypatch.setattr(scoring, "POOL_MIN_ROWS", 8)

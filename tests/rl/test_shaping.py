@@ -198,6 +198,45 @@ def test_exact_entropy_matches_numpy():
   np.testing.assert_allclose(shaping.exact_entropy(logits), -(p * np.log(p)).sum(-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_exact_entropy_gradient_with_removed_tokens_is_the_kept_distributions(top_p):
+  """The update's entropy (`sampling.entropy` of `sampling.candidates`) with banned tokens (the
+  image placeholders every VLM config bans) and a nucleus: a finite gradient, equal to central
+  differences of the entropy of the kept tokens' renormalised distribution, in float64 numpy.
+  It was NaN (0 · −inf through a `where`), so entropy shaping skipped every update."""
+  from openvlthinker import sampling
+
+  class Dist:
+    temperature, top_k, top_p, banned_tokens = 1.0, 0, 0.0, (2, 5)
+  Dist.top_p = top_p
+  logits = np.random.default_rng(0).normal(size=(3, 9)) * 2.0
+  grad = np.asarray(jax.grad(lambda l: sampling.entropy(sampling.candidates(l, Dist())).sum())(
+      jnp.asarray(logits, jnp.float32)), np.float64)
+  assert np.isfinite(grad).all()
+  dist = sampling.candidates(jnp.asarray(logits, jnp.float32), Dist())
+  kept = np.isfinite(np.asarray(dist.log_probs))  # candidates' order (sorted with a nucleus)
+  if dist.ids is not None:  # back to vocabulary order
+    kept = np.take_along_axis(kept, np.argsort(np.asarray(dist.ids), -1), -1)
+  # The banned tokens are removed, and with a nucleus some others too.
+  assert not kept[:, list(Dist.banned_tokens)].any()
+  assert (kept.sum() < logits.size - logits.shape[0] * 2) == (top_p < 1.0)
+
+  def entropy(l):
+    z = np.where(kept, l, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return -np.sum(np.where(kept, p * np.log(np.where(kept, p, 1.0)), 0.0))
+
+  eps, want = 1e-6, np.zeros_like(logits)
+  for index in np.ndindex(logits.shape):
+    step = np.zeros_like(logits)
+    step[index] = eps
+    want[index] = (entropy(logits + step) - entropy(logits - step)) / (2 * eps)
+  assert np.abs(want).max() > 0.05
+  np.testing.assert_allclose(grad, want, atol=2e-5)
+  np.testing.assert_array_equal(grad[~kept], 0.0)
+
+
 def test_entropy_config_errors():
   with pytest.raises(ValueError, match="estimator"):
     shaping.EntropyShapingConfig(estimator="mc")

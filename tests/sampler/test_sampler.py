@@ -376,7 +376,9 @@ def test_decode_phases_change_only_the_cache_size(model, state, cfg, phases):
   steps can reach."""
   stop = tuple(range(10, cfg.text.vocab_size, 19))
   lr = 40
-  one = SamplerConfig(max_new_tokens=lr, stop_tokens=stop, prompt_buckets=(32,), decode_phases=1)
+  # The single call's phases (`compact` runs them as separate calls: tests/sampler/test_compact).
+  one = SamplerConfig(max_new_tokens=lr, stop_tokens=stop, prompt_buckets=(32,), decode_phases=1,
+                      compact=False)
   tokens, mask, images = make_prompts(cfg, 6, seed=6)
   args = (state, tokens, mask, images, jax.random.key(6))
   want = jax.device_get(Sampler(model, one)(*args, group_size=3))

@@ -89,13 +89,19 @@ def toy_config(packed=False):
   return configuration.validate(c)  # a config the trainer accepts
 
 
-def make_toy(config):
+def build_stage(config, data_shards=None):
+  """(RLStage, initial params) of the toy policy; `data_shards` a ShardLayout (default: one)."""
   sharder = make_sharder(config)
   model, info = registry.build(config.model, sharder, seed=0)
   graphdef, params = nnx.split(model)
   ctx = Context(config=config, workdir="", sharder=sharder, model=model, model_info=info,
-                graphdef=graphdef, initial_params=params, tokenizer=DigitTokenizer())
-  stage = RLStage(ctx, metrics_writer=None)
+                graphdef=graphdef, initial_params=params, tokenizer=DigitTokenizer(),
+                **({} if data_shards is None else {"data_shards": data_shards}))
+  return RLStage(ctx, metrics_writer=None), params
+
+
+def make_toy(config):
+  stage, params = build_stage(config)
   minibatches, rollouts = [], []
   update, advantages = stage.update, stage.advantages
 
@@ -103,8 +109,8 @@ def make_toy(config):
     minibatches.append(jax.device_get(mb))
     return update(state, mb)
 
-  def recording_advantages(batch):  # the rollout with its advantages
-    rollouts.append(advantages(batch))
+  def recording_advantages(batch, rows=None):  # the rollout with its advantages
+    rollouts.append(advantages(batch, rows))
     return rollouts[-1]
 
   stage.update, stage.advantages = recording_update, recording_advantages

@@ -2,3 +2,5 @@
 from openvlthinker.data.tfds.suite_snapshot import OpenvlthinkerSuite
 from openvlthinker.data.tfds.suite_snapshot import SnapshotConfig
 from openvlthinker.data.tfds.suite_snapshot import SnapshotSource
+
+__all__ = ["OpenvlthinkerSuite", "SnapshotConfig", "SnapshotSource"]

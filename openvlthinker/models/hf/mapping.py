@@ -75,7 +75,7 @@ class Rule:
 
 
 def linear(hf_prefix: str, ours: str, bias: str | None = None) -> list[Rule]:
-  """A torch Linear (regex prefix, e.g. r"visual\.blocks\.(\d+)\.attn\.qkv"): its weight
+  r"""A torch Linear (regex prefix, e.g. r"visual\.blocks\.(\d+)\.attn\.qkv"): its weight
   [out, in] → our `ours` [in, out], and its bias → our `bias` when given."""
   rules = [Rule(hf_prefix + r"\.weight", ours, transpose, transpose)]
   if bias is not None:
