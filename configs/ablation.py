@@ -38,6 +38,8 @@ def get_config(arg=None):
   spec.loader.exec_module(module)
   config = module.get_config(base_arg) if base_arg else module.get_config()
   config.eval.every = config.rl.steps  # the table compares end points: evaluate before and after
+  # Each task's gradient share about a dozen times a run: task_balance.png compares estimators.
+  config.rl.task_balance_every = config.rl.task_balance_every or max(1, config.rl.steps // 12)
   return config
 
 

@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.rl.length.thresholds = {t: (8, 24, 72, 96) for t in c.rl.length.thresholds}
   c.rl.sampler.max_new_tokens = 64
   c.rl.filter.max_tries = 2
+  c.rl.task_balance_every = 5  # each task's share of the policy gradient (task_balance.png)
   c.eval.update(every=30, num_per_task=256, batch_size=128, max_new_tokens=64)
   c.checkpoint.update(every=10, keep=2)
   return c

@@ -85,7 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
       share_prompt_forward=True,  # run each prompt once per group in the update (exact).
       learning_rate=2e-5, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0,
       advantage="g2rpo",         # any name in rl.advantages' registry.
-      advantage_task_key="task_type"))  # 'task_type' or 'problem_type' (the public code's key).
+      advantage_task_key="task_type",  # 'task_type' or 'problem_type' (the public code's key).
+      # Every this many steps, each task's policy-gradient norm and share on the step's first
+      # minibatch (metrics grad_norm_task/<task>, grad_share/<task>): one extra gradient per
+      # task. 0 = off.
+      task_balance_every=0))
   # losses.PolicyLossConfig: name, clip_low/high, dual_clip, log_ratio_clamp, aggregation, kl_coef
   # (k3 KL to the initial policy; 0 = off, as the paper). fixed_length = sampler.max_new_tokens.
   c.rl.loss = _defaults(losses.PolicyLossConfig, exclude=("fixed_length", "num_tasks"))
@@ -371,6 +375,8 @@ def _rl(c):
   from openvlthinker.rl import advantages  # pylint: disable=g-import-not-at-top
   _choice(c, "rl.advantage", advantages.advantage_estimators())
   _choice(c, "rl.advantage_task_key", ("task_type", "problem_type"))
+  _check(isinstance(r.task_balance_every, int) and r.task_balance_every >= 0,
+         "rl.task_balance_every", "an integer >= 0 (0 = off)", r.task_balance_every)
   from openvlthinker.train.rl_stage import rl_optimizer  # pylint: disable=g-import-not-at-top
   _built("rl", lambda: rl_optimizer(r))
   _built("rl.sampler", lambda: build_sampler(c))

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from openvlthinker import taxonomy
+from openvlthinker import plots, taxonomy
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep config file[:arg], e.g. configs/ablation.py:base=test")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding one subdirectory per run.")
@@ -230,6 +230,26 @@ def table(results) -> str:
           "(greedy decoding):\n\n" + "\n".join(lines) + "\n")
 
 
+def balance_plot(workdir: str, runs, path: str) -> bool:
+  """`plots.plot_task_balance` of each variant's first run that logged task balance
+  (`rl.task_balance_every`); False (nothing written) when none did."""
+  first: dict[str, list[dict]] = {}
+  for name, _ in runs:
+    variant = name.rsplit("_seed", 1)[0]
+    metrics = epath.Path(workdir) / name / "metrics.jsonl"
+    if variant in first or not metrics.exists():
+      continue
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if any(k.startswith("grad_norm_task/") for r in records for k in r):
+      first[variant] = records
+  if not first:
+    return False
+  buffer = io.BytesIO()
+  plots.plot_task_balance(first, buffer)
+  epath.Path(path).write_bytes(buffer.getvalue())
+  return True
+
+
 def plot(results, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -293,6 +313,8 @@ def main(argv):
   text = table(results)
   (epath.Path(workdir) / "ablation.md").write_text(text)
   plot(results, os.path.join(workdir, "ablation.png"))
+  if balance_plot(workdir, runs, os.path.join(workdir, "task_balance.png")):
+    print(f"wrote {os.path.join(workdir, 'task_balance.png')}")
   print(text)
 
 

@@ -45,6 +45,9 @@ def test_ablation_runner_on_test_config(tmp_path, cli_env):
   text = open(os.path.join(workdir, "ablation.md")).read()
   assert "| g2rpo_shaping-off |" in text and "| grpo_shaping-off |" in text
   assert os.path.getsize(os.path.join(workdir, "ablation.png")) > 0
+  # Each estimator's per-task advantage spread and gradient shares (rl.task_balance_every).
+  with open(os.path.join(workdir, "task_balance.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # The table's numbers are the runs' own held-out evaluations.
   after = json.load(open(os.path.join(workdir, "grpo_shaping-off_seed0",
                                       "eval_summary.json")))["after_rl"]["overall"]

@@ -87,6 +87,70 @@ def _denominator(response_mask, loss_config: losses.PolicyLossConfig):
                             dataclasses.replace(loss_config, kl_coef=0.0)).denominator
 
 
+def _accumulate(grad_fn, params, mb, loss_config, num_micro: int, packed: bool):
+  """Σ over the minibatch's micro-batches of `grad_fn(params, micro, denominator, count)` →
+  (gradient, Σ numerator, accumulated metrics, denominator, micro-batch count): exact gradient
+  accumulation, the one loop both the update and the per-task gradients run."""
+  if packed:
+    micros, count = mb, mb.num_micro
+    denominator = _denominator(mb.response_mask.reshape((-1,) + mb.response_mask.shape[2:]),
+                               loss_config)
+    one = lambda i: micros.micro(i)
+  else:
+    micros, count = jax.tree.map(
+        lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), mb), num_micro
+    denominator = _denominator(mb.response_mask, loss_config)
+    one = lambda i: jax.tree.map(lambda x: x[i], micros)
+
+  def body(i, carry):
+    grads, numerator, metrics = carry
+    g, (num, met) = grad_fn(params, one(i), denominator, count)
+    return (jax.tree.map(jnp.add, grads, g), numerator + num,
+            losses.accumulate_metrics(metrics, met))
+
+  # Start from the identity of each reduction, so the gradient is traced once (in the loop).
+  met_shapes = jax.eval_shape(lambda: grad_fn(params, one(0), denominator, count)[1][1])
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+          losses.metrics_identity(met_shapes))
+  # A static count (the padded split) lowers to a scan; a traced one (packing) to a while loop
+  # that runs only the micro-batches in use.
+  grads, numerator, metrics = jax.lax.fori_loop(0, count, body, init)
+  return grads, numerator, metrics, denominator, count
+
+
+def make_task_gradient_norms(graphdef: nnx.GraphDef, *, sampler_config,
+                             loss_config: losses.PolicyLossConfig, num_micro: int,
+                             num_tasks: int, group_size: int = 1, packed: bool = False):
+  """(params, minibatch) → float32[num_tasks]: ‖g_τ‖, the norm of the policy-gradient term of
+  task τ's rows alone, g_τ = ∇ Σ_{tokens of τ} numerator / D, with the update's minibatch
+  denominator D, so Σ_τ g_τ is the update's policy gradient (no KL, no entropy term). Other rows
+  enter with advantage 0, which zeroes their term in every registered loss. What G²RPO claims to
+  balance across tasks; one full gradient per task (a `lax.map`, so one compile)."""
+  loss_config = dataclasses.replace(loss_config, kl_coef=0.0)
+  if packed:
+    logprobs_fn = lambda params, m: packed_logprobs(params, graphdef, m, sampler_config)
+  else:
+    logprobs_fn = lambda params, m: policy_logprobs(params, graphdef, m, sampler_config,
+                                                    group_size)
+
+  def micro_loss(params, m, denominator, count):
+    del count
+    logp, _ = logprobs_fn(params, m)
+    pl = losses.policy_loss(logp, m.old_logprobs, m.advantages, m.response_mask, loss_config)
+    return pl.numerator / jnp.maximum(denominator, 1e-30), (pl.numerator, {})
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def norms(params, mb):
+    def one_task(t):
+      only = mb.replace(advantages=jnp.where(mb.task_ids == t, mb.advantages, 0.0))
+      grads = _accumulate(grad_fn, params, only, loss_config, num_micro, packed)[0]
+      return optax.global_norm(grads)
+    return jax.lax.map(one_task, jnp.arange(num_tasks))
+
+  return jax.jit(norms)
+
+
 def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, state_shardings,
                 sampler_config, loss_config: losses.PolicyLossConfig, num_micro: int,
                 entropy: shaping.EntropyShapingConfig | None, nan_at_step: int = -1,
@@ -129,30 +193,8 @@ def make_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, sta
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
   def update(state: TrainState, mb):
-    if packed:
-      micros, count = mb, mb.num_micro
-      denominator = _denominator(mb.response_mask.reshape((-1,) + mb.response_mask.shape[2:]),
-                                 loss_config)
-      one = lambda i: micros.micro(i)
-    else:
-      micros, count = jax.tree.map(
-          lambda x: x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:]), mb), num_micro
-      denominator = _denominator(mb.response_mask, loss_config)
-      one = lambda i: jax.tree.map(lambda x: x[i], micros)
-
-    def body(i, carry):
-      grads, numerator, metrics = carry
-      g, (num, met) = grad_fn(state.params, one(i), denominator, count)
-      return (jax.tree.map(jnp.add, grads, g), numerator + num,
-              losses.accumulate_metrics(metrics, met))
-
-    # Start from the identity of each reduction, so the gradient is traced once (in the loop).
-    met_shapes = jax.eval_shape(lambda: grad_fn(state.params, one(0), denominator, count)[1][1])
-    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            losses.metrics_identity(met_shapes))
-    # A static count (the padded split) lowers to a scan; a traced one (packing) to a while loop
-    # that runs only the micro-batches in use.
-    grads, numerator, metrics = jax.lax.fori_loop(0, count, body, init)
+    grads, numerator, metrics, denominator, count = _accumulate(grad_fn, state.params, mb,
+                                                                 loss_config, num_micro, packed)
     poison = jnp.where(state.step == nan_at_step, jnp.nan, 1.0)
     grads = jax.tree.map(lambda g: g * poison, grads)
     state, update_metrics = apply_gradients(state, grads, tx)

@@ -48,6 +48,17 @@ def reduce_updates(updates: Sequence[dict[str, np.ndarray]], batch: RowSummary
   return out
 
 
+def task_balance_metrics(norms: np.ndarray, task_ids: np.ndarray) -> dict[str, float]:
+  """Each task's policy-gradient norm ‖g_τ‖ (float[T], `rl.make_task_gradient_norms`) and its
+  share ‖g_τ‖ / Σ_τ' ‖g_τ'‖ over the tasks with valid rows in the minibatch (`task_ids`): G²RPO
+  claims comparable shares whatever a task's reward topology. Absent tasks are left out."""
+  present = np.bincount(task_ids, minlength=len(T)) > 0
+  norms = np.where(present, np.asarray(norms, np.float64), np.nan)
+  total = np.nansum(norms)
+  return {**per_task("grad_norm_task", norms),
+          **per_task("grad_share", norms / total if total > 0 else np.full(len(T), np.nan))}
+
+
 def rollout_metrics(batch: RowSummary, sampled: dict[str, np.ndarray],
                     length_shaping: bool) -> dict[str, float]:
   """Reward parts over every sampled response; entropy, lengths and the length term per task

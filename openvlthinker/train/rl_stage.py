@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from openvlthinker import configuration, multihost
+from openvlthinker import configuration, multihost, taxonomy
 from openvlthinker.errors import RunError
 from openvlthinker.eval.evaluation import Evaluation
 from openvlthinker.rl import advantages as advantages_lib
@@ -100,6 +100,10 @@ class RLStage:
         num_micro=self.rows // r.micro_batch_size, entropy=self.entropy,
         nan_at_step=c.debug.nan_loss_at_rl_step,
         group_size=r.group_size if r.share_prompt_forward else 1, packed=self.packing.enabled)
+    self.task_gradient_norms = rl.make_task_gradient_norms(
+        ctx.graphdef, sampler_config=self.sampler_config, loss_config=self.loss_config,
+        num_micro=self.rows // r.micro_batch_size, num_tasks=taxonomy.NUM_TASKS,
+        group_size=r.group_size if r.share_prompt_forward else 1, packed=self.packing.enabled)
     if self.packing.enabled:
       self.reference_logprobs = jax.jit(
           lambda p, pk: rl.packed_reference_logprobs(p, ctx.graphdef, pk, self.sampler_config))
@@ -152,29 +156,37 @@ class RLStage:
     mine = multihost.block(len(rows.reward))
     return batch.replace(advantages=np.asarray(adv, np.float32)[mine])
 
-  def minibatch_rows(self, local_rows: int, u: int) -> np.ndarray:
-    """This process's rows of optimizer minibatch u: the u-th slice of each of its data shards'
-    rows (with one shard, rows [u·m, (u+1)·m))."""
-    shards, updates = self.ctx.data_shards.owned, self.c.rl.updates_per_rollout
-    per_shard = local_rows // shards
-    m = per_shard // updates
+  def minibatch_rows(self, rows: int, u: int, shards: int | None = None) -> np.ndarray:
+    """The rows of optimizer minibatch u among `rows` rows of `shards` data shards (default: this
+    process's rows and shards): the u-th slice of each shard's rows (with one shard, rows
+    [u·m, (u+1)·m))."""
+    shards = self.ctx.data_shards.owned if shards is None else shards
+    per_shard = rows // shards
+    m = per_shard // self.c.rl.updates_per_rollout
     return np.concatenate([np.arange(j * per_shard + u * m, j * per_shard + (u + 1) * m)
                            for j in range(shards)])
 
-  def updates(self, state: TrainState, batch: RolloutBatch, ref_params, longest: int
-              ) -> tuple[TrainState, list[dict]]:
-    """One optimizer step per minibatch of `self.rows` rows (whole groups of every data shard).
-    `longest`: the longest response of the global batch (every process trims alike)."""
+  def updates(self, state: TrainState, batch: RolloutBatch, ref_params, rows: RowSummary,
+              task_balance: bool = False) -> tuple[TrainState, list[dict], dict[str, float]]:
+    """One optimizer step per minibatch of `self.rows` rows (whole groups of every data shard);
+    `rows`: the whole batch's per-row figures. With `task_balance`, each task's policy-gradient
+    norm on the first minibatch, before its update (`task_balance_metrics`)."""
+    # Every process trims to the global batch's longest response and pads to its widest prompt.
     batch = batch.left_pad_prompts(multihost.max_over_processes(batch.response_start))
-    batch = batch.trim(RESPONSE_BUCKET, longest)
-    metrics = []
+    batch = batch.trim(RESPONSE_BUCKET, int(rows.lengths.max()))
+    metrics, balance = [], {}
     for u in range(self.c.rl.updates_per_rollout):
       mb = self.place(batch.rows(self.minibatch_rows(batch.size, u)))
       if self.loss_config.kl_coef > 0:
         mb = mb.replace(ref_logprobs=self.reference_logprobs(ref_params, mb))
+      if task_balance and u == 0:
+        first = self.minibatch_rows(len(rows.reward), 0, self.ctx.data_shards.count)
+        balance = rl_metrics.task_balance_metrics(
+            np.asarray(self.task_gradient_norms(state.params, mb)),
+            rows.task_ids[first][rows.valid[first]])
       state, m = self.update(state, mb)
       metrics.append(jax.device_get(m))
-    return state, metrics
+    return state, metrics, balance
 
   def place(self, mb: RolloutBatch):
     """A host minibatch on the mesh, as the update takes it: rows padded to the longest
@@ -224,8 +236,10 @@ class RLStage:
     empty = self.count_empty(step, rows, stats["groups_sampled"])
     update_metrics = {}
     if not empty:  # An update on no rows would still move the weights (momentum, decay).
-      state, updates = self.updates(state, batch, ref_params, int(rows.lengths.max()))
-      update_metrics = rl_metrics.reduce_updates(updates, rows)
+      every = self.c.rl.task_balance_every
+      state, updates, balance = self.updates(state, batch, ref_params, rows,
+                                             task_balance=bool(every) and step % every == 0)
+      update_metrics = {**rl_metrics.reduce_updates(updates, rows), **balance}
     sampled = multihost.gather_tree(ro.sampled)
     metrics = {**stats, "update_s": time.perf_counter() - update_start, **update_metrics,
                "empty_step": float(empty),

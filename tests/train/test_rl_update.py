@@ -98,3 +98,40 @@ def test_micro_batches_accumulate_to_the_full_batch(setup):
   np.testing.assert_allclose(m3["grad_norm"], m1["grad_norm"], rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5,
                                                        rtol=1e-4), s1.params, s3.params)
+
+
+def test_task_gradient_norms_are_each_tasks_rows_alone(setup):
+  """`rl.make_task_gradient_norms` (micro-batched, shared prompt forward) against a direct
+  per-task gradient: one forward per row over the whole minibatch, the loss numerator over task
+  τ's tokens only, over the minibatch's full denominator. The per-task gradients add up to the
+  update's policy gradient (its `grad_norm`), so every row is in exactly one task."""
+  graphdef, params, mb, sharder = setup
+  sampler_config, cfg = SamplerConfig(max_new_tokens=LR), losses.PolicyLossConfig()
+  got = np.asarray(rl.make_task_gradient_norms(
+      graphdef, sampler_config=sampler_config, loss_config=cfg, num_micro=P, num_tasks=6,
+      group_size=G)(params, mb))
+
+  denominator = losses.policy_loss(*(jnp.zeros(mb.tokens.shape),) * 2, jnp.zeros(P * G),
+                                   mb.response_mask, cfg).denominator
+  def task_loss(p, t):
+    logp, _ = rl.policy_logprobs(p, graphdef, mb, sampler_config)
+    adv = jnp.where(mb.task_ids == t, mb.advantages, 0.0)
+    return losses.policy_loss(logp, mb.old_logprobs, adv, mb.response_mask, cfg).numerator / (
+        denominator)
+  grad = jax.jit(jax.grad(task_loss))
+  per_task = [grad(params, t) for t in range(6)]
+  # Jitted: eager ops over 8 fake devices each rendezvous (and can time out on a loaded host).
+  norm = jax.jit(optax.global_norm)
+  want = np.asarray([float(norm(g)) for g in per_task])
+  present = np.isin(np.arange(6), np.asarray(mb.task_ids))
+  assert present.sum() >= 4 and (want[present] > 0).all() and (want[~present] == 0).all()
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-7)
+
+  total = jax.jit(lambda gs: jax.tree.map(lambda *g: sum(g), *gs))(per_task)
+  state, shardings = create_train_state(jax.tree.map(jnp.copy, params), optax.sgd(0.0), sharder)
+  update = rl.make_update(graphdef, optax.sgd(0.0), state_shardings=shardings,
+                          sampler_config=sampler_config, loss_config=cfg, num_micro=P,
+                          entropy=None, group_size=G)
+  _, metrics = update(state, mb)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm(total)),
+                             rtol=2e-4)

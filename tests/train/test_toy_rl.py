@@ -210,7 +210,9 @@ def test_rl_steps_solve_the_toy_task(toy, name):
 def test_packed_rl_steps_solve_the_toy_task():
   """The trainer's step with `rl.packing` on (images in every prompt): each minibatch is packed
   (every rollout row with tokens in one table row exactly once) and G²RPO still solves the task."""
-  stage, params, minibatches, rollouts = make_toy(toy_config(packed=True))
+  config = toy_config(packed=True)
+  config.rl.task_balance_every = 4  # each task's gradient share on steps 0 and 4
+  stage, params, minibatches, rollouts = make_toy(config)
   state = stage.initial_state(params)
   before = expected_accuracy(first_token_probs(stage, params))
   data = prompt_batches(seed=1)
@@ -218,6 +220,13 @@ def test_packed_rl_steps_solve_the_toy_task():
     minibatches.clear(), rollouts.clear()
     state, metrics = stage.step(state, data, step, params)
     assert np.isfinite(metrics["policy_loss"]) and metrics["grad_norm"] > 0
+    shares = {k: v for k, v in metrics.items() if k.startswith("grad_share/")}
+    if step % 4:
+      assert not shares
+    else:  # both tasks are in every minibatch, and both have a learning signal
+      assert sorted(shares) == sorted(f"grad_share/{taxonomy.TASK_TYPES[t]}"
+                                      for t in (TASK_A, TASK_B))
+      assert sum(shares.values()) == pytest.approx(1.0) and min(shares.values()) > 0.01
     assert len(minibatches) == 2 and all(mb.images is not None for mb in minibatches)
     for u, mb in enumerate(minibatches):
       rows = np.sort(mb.rows[mb.rows >= 0])
