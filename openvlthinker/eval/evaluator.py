@@ -112,12 +112,22 @@ class Evaluator:
 
 def per_task(all_samples: Sequence[Samples]) -> dict[str, np.ndarray]:
   """{metric: float[num_tasks]} means over every sample of every given set, per task type (NaN
-  where a task is absent; "count" the samples)."""
+  where a task is absent; "count" the samples), and "accuracy_se": the standard error of each
+  task's mean accuracy, over its problems (each problem's accuracy averaged over its K samples,
+  so K samples of one problem count once)."""
   k = all_samples[0].parts["accuracy"].shape[1]
   parts = {m: np.concatenate([s.parts[m].reshape(-1) for s in all_samples])
            for m in all_samples[0].parts}
   task_ids = np.concatenate([np.repeat(s.task_ids, k) for s in all_samples])
-  return scoring.per_task_means(parts, task_ids, taxonomy.NUM_TASKS)
+  out = scoring.per_task_means(parts, task_ids, taxonomy.NUM_TASKS)
+  problem_acc = np.concatenate([s.parts["accuracy"].mean(axis=1) for s in all_samples])
+  problem_task = np.concatenate([s.task_ids for s in all_samples])
+  out["accuracy_se"] = np.full(taxonomy.NUM_TASKS, np.nan)
+  for t in range(taxonomy.NUM_TASKS):
+    acc = problem_acc[problem_task == t].astype(np.float64)
+    if len(acc) > 1:
+      out["accuracy_se"][t] = acc.std(ddof=1) / np.sqrt(len(acc))
+  return out
 
 
 def _bucketed_batches(items: Sequence[dict], prompts: int, buckets: tuple[int, ...]

@@ -1,6 +1,7 @@
 """What an evaluation writes: `eval/<point>/<set>.jsonl` (each problem's responses, parsed answers,
 reward parts, accuracy), `summary.json` and `summary.md` across sets, and the per-set accuracy
-over RL steps (`eval/accuracy_over_steps.png`, from every `eval/rl_<step>/summary.json`).
+over RL steps (`eval/accuracy_over_steps.png`, from every `eval/rl_<step>/summary.json` by
+`history`; `task_history` reads the same per task type of one set, for the run's `rl_curves.png`).
 
 `<point>` names the weights: `rl_<step>` during RL (`rl_0` before the first update), or the label
 of what `--mode=eval` scored (`sft_40`, `rl_120`, `init`, `random`).
@@ -15,10 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
-from openvlthinker import plots
+from openvlthinker import plots, taxonomy
 from openvlthinker.eval import metrics
 from openvlthinker.eval.evaluator import Samples, parsed_answer
-from openvlthinker.eval.sets import Decoding
+from openvlthinker.eval.sets import SUITE_SET, Decoding
 
 SUMMARY = "summary.json"
 PLOT = "accuracy_over_steps.png"
@@ -115,8 +116,8 @@ def write_point(eval_dir: str, point: str, all_samples: Sequence[Samples], decod
   return summaries
 
 
-def history(eval_dir: str) -> dict[str, np.ndarray]:
-  """{set: float64[n, 3] rows (RL step, mean@K, its 95 % half-width)} from eval/rl_*/."""
+def _rl_points(eval_dir: str) -> list[tuple[int, dict]]:
+  """[(RL step, summary.json record)] of eval/rl_*/, by step (`rl_0`: before the first update)."""
   points = []
   for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else ():
     match = _RL_POINT.match(name)
@@ -124,13 +125,42 @@ def history(eval_dir: str) -> dict[str, np.ndarray]:
     if match and os.path.isfile(path):
       with open(path) as f:
         points.append((int(match.group(1)), json.load(f)))
+  return sorted(points, key=lambda p: p[0])
+
+
+def history(eval_dir: str) -> dict[str, np.ndarray]:
+  """{set: float64[n, 3] rows (RL step, mean@K, its 95 % half-width)} from eval/rl_*/."""
   out: dict[str, list] = {}
-  for step, record in sorted(points, key=lambda p: p[0]):
+  for step, record in _rl_points(eval_dir):
     k = record["decoding"]["num_samples"]
     for name, s in record["sets"].items():
       m = s["overall"]
       out.setdefault(name, []).append((step, m[f"mean@{k}"], m[f"mean@{k}_ci"]))
   return {name: np.asarray(rows, np.float64) for name, rows in out.items()}
+
+
+def task_history_set(eval_dir: str) -> str | None:
+  """The set `task_history` reads by default: the suite's held-out split (`sets.SUITE_SET`) when
+  any RL point evaluated it, else the first set of the earliest point; None before any point."""
+  points = _rl_points(eval_dir)
+  if any(SUITE_SET in record["sets"] for _, record in points):
+    return SUITE_SET
+  return next((name for _, record in points for name in record["sets"]), None)
+
+
+def task_history(eval_dir: str, set_name: str | None = None) -> dict[str, np.ndarray]:
+  """{task type: float64[n, 3] rows (RL step, mean@K, its 95 % half-width)} of one evaluation set
+  (`set_name`; default `task_history_set`) from eval/rl_*/, in `taxonomy.TASK_TYPES` order. n
+  counts the points whose summary has that (set, task); K is each point's samples per problem."""
+  set_name = set_name or task_history_set(eval_dir)
+  out: dict[str, list] = {}
+  for step, record in _rl_points(eval_dir):
+    k = record["decoding"]["num_samples"]
+    for task, m in record["sets"].get(set_name, {}).get("task_type", {}).items():
+      out.setdefault(task, []).append((step, m[f"mean@{k}"], m[f"mean@{k}_ci"]))
+  order = {t: i for i, t in enumerate(taxonomy.TASK_TYPES)}
+  return {task: np.asarray(out[task], np.float64)
+          for task in sorted(out, key=lambda t: order.get(t, len(order)))}
 
 
 def plot_history(eval_dir: str) -> str | None:

@@ -17,6 +17,7 @@ import numpy as np
 from openvlthinker import eval as eval_lib
 from openvlthinker.eval import report as eval_report
 from openvlthinker.eval.evaluation import Evaluation
+from openvlthinker.eval.verdict import format_verdict, rl_verdict
 from openvlthinker import plots
 from openvlthinker.fields import FieldError
 from openvlthinker import multihost
@@ -70,23 +71,27 @@ def evaluate(ctx) -> str:
 
 
 def report(workdir: str, evals: dict, description: str = "") -> str:
-  """The run's report text; process 0 also writes eval_table.md and eval_summary.json."""
+  """The run's report text, ending with RL's verdict (`eval.verdict`); process 0 also writes
+  eval_table.md and eval_summary.json (per-task results of each evaluation, the verdict's keys)."""
   table = eval_lib.format_table(evals, "overall")
   eval_set = f"Evaluated on {description}.\n\n" if description else ""
   accuracy = eval_lib.format_table(evals, "accuracy")
   before, after = evals["before_rl"]["overall"], evals["after_rl"]["overall"]
   improved = int(np.sum(after > before + 1e-9))
   present = int(np.sum(np.isfinite(before)))
+  verdict = rl_verdict(evals["before_rl"], evals["after_rl"])
   text = (f"{eval_set}Held-out overall reward per task:\n\n{table}\n\n"
           f"Held-out accuracy per task:\n\n{accuracy}\n\n"
-          f"RL raised the held-out overall reward on {improved} of {present} task types.\n")
+          f"RL raised the held-out overall reward on {improved} of {present} task types.\n"
+          f"{format_verdict(verdict)}\n")
   if not multihost.is_primary():
     return text
   with open(os.path.join(workdir, "eval_table.md"), "w") as f:
     f.write(text)
   with open(os.path.join(workdir, "eval_summary.json"), "w") as f:
     json.dump({name: {k: np.asarray(v).tolist() for k, v in res.items()}
-               for name, res in evals.items()} | {"improved_tasks": improved}, f, indent=1)
+               for name, res in evals.items()} | {"improved_tasks": improved} | verdict, f,
+              indent=1)
   return text
 
 

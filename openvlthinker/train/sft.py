@@ -25,8 +25,9 @@ def prefix_mask_of(input_mask: jax.Array, target_mask: jax.Array) -> jax.Array:
   return input_mask & (jnp.cumsum(target_mask, axis=1) == 0)
 
 
-def sft_loss(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
-  """Token-mean cross-entropy on the targets; returns (loss, metrics)."""
+def target_losses(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+  """(ce float32[B, L - 1], mask float32[B, L - 1], logits [B, L, V]): each position's
+  cross-entropy against the next token, and 1 where that token is a target."""
   model = nnx.merge(graphdef, params)
   tokens, input_mask, target = batch["tokens"], batch["input_mask"], batch["loss_mask"]
   # The model's own positions (1-D, or M-RoPE's over the image tokens): right-padded rows are
@@ -35,10 +36,15 @@ def sft_loss(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
   logits, _ = model(tokens, positions, batch["images"], input_mask=input_mask,
                     prefix_mask=prefix_mask_of(input_mask, target))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  mask = target[:, 1:].astype(jnp.float32)
+  return ce, target[:, 1:].astype(jnp.float32), logits
+
+
+def sft_loss(params, graphdef: nnx.GraphDef, batch: dict[str, jax.Array]):
+  """Token-mean cross-entropy on the targets; returns (loss, metrics)."""
+  ce, mask, logits = target_losses(params, graphdef, batch)
   count = jnp.maximum(mask.sum(), 1.0)
   loss = (ce * mask).sum() / count
-  correct = (jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:]).astype(jnp.float32)
+  correct = (jnp.argmax(logits[:, :-1], -1) == batch["tokens"][:, 1:]).astype(jnp.float32)
   return loss, {"loss": loss, "token_accuracy": (correct * mask).sum() / count,
                 "target_tokens": mask.sum()}
 

@@ -1,10 +1,13 @@
 """The evaluator on JSON sets, in process: greedy K = 1 equals decoding each problem alone, samples
-do not depend on batching, bad records are counted, and the summary is the samples' statistics."""
+do not depend on batching, bad records are counted, and the summary is the samples' statistics;
+the per-task held-out history of written summaries and the run's figures drawn from it."""
 import dataclasses
+import json
 import os
 import sys
 
 import jax
+import matplotlib.image
 import numpy as np
 import pytest
 
@@ -12,12 +15,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import eval_data  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from configs import test as test_config  # noqa: E402
-from openvlthinker import configuration  # noqa: E402
+from openvlthinker import configuration, plots, taxonomy  # noqa: E402
 from openvlthinker.data import tokenizer as tokenizer_lib  # noqa: E402
 from openvlthinker.eval import report  # noqa: E402
 from openvlthinker.eval.evaluation import Evaluation  # noqa: E402
-from openvlthinker.eval.evaluator import build_set_evaluator  # noqa: E402
-from openvlthinker.eval.sets import Decoding, EvalSet  # noqa: E402
+from openvlthinker.eval.evaluator import Samples, build_set_evaluator  # noqa: E402
+from openvlthinker.eval.sets import SUITE_SET, Decoding, EvalSet  # noqa: E402
 from openvlthinker.rl import rewards  # noqa: E402
 from openvlthinker.sampler import Sampler, SamplerConfig  # noqa: E402
 from openvlthinker.train.context import build_context  # noqa: E402
@@ -108,3 +111,78 @@ def test_evaluation_writes_each_sets_problems_and_summary(setup, tmp_path):
   assert np.nansum(results["count"]) == 42
   assert (tmp_path / "eval" / "rl_0" / "summary.md").read_text().count("| **") == 2
   assert os.path.isfile(tmp_path / "eval" / report.PLOT)
+
+
+def fake_samples(name, accuracy_by_task, rng):
+  """Samples of a set whose task-t problems have the accuracies accuracy_by_task[t] (P_t × K)."""
+  problems, acc = [], []
+  for task, a in accuracy_by_task.items():
+    for i, row in enumerate(a):
+      problems.append({"uid": f"{name}/{task}/{i}", "task_type": task,
+                       "problem_type": "numerical", "answer": "1", "options": []})
+      acc.append(row)
+  acc = np.asarray(acc, np.float64)
+  parts = {"accuracy": acc, "overall": acc + 0.5, "format": np.ones_like(acc),
+           "length": rng.integers(5, 50, acc.shape).astype(np.float64),
+           "unparsable": np.zeros_like(acc)}
+  texts = [["<answer>1</answer>"] * acc.shape[1] for _ in problems]
+  task_ids = np.asarray([taxonomy.task_id(p["task_type"]) for p in problems], np.int32)
+  return Samples(name, problems, texts, parts, task_ids, {})
+
+
+def fake_run(workdir, steps=(0, 10, 20), k=4, rl_steps=24):
+  """A workdir with metrics.jsonl (rl records of every task) and eval/rl_<step>/ points of two sets
+  (another set first, then the suite's split), plus an sft point the history must ignore; returns
+  {task: [(step, mean, half-width)]} of the suite set, computed directly from the accuracies."""
+  rng = np.random.default_rng(0)
+  decoding = Decoding(num_samples=k, temperature=1.0)
+  want: dict[str, list] = {}
+  tasks = taxonomy.TASK_TYPES[:4]  # two tasks never evaluated: their panels keep the training curve
+  for point in [f"rl_{step}" for step in steps] + ["sft_40"]:
+    suite = {t: rng.random((3 + i, k)) for i, t in enumerate(tasks)}  # each task its own P
+    other = {t: np.full((2, k), 0.9) for t in tasks}
+    report.write_point(str(workdir / "eval"), point, [
+        fake_samples("other", other, rng), fake_samples(SUITE_SET, suite, rng)], decoding)
+    for t, a in suite.items() if point.startswith("rl_") else ():
+      per_problem = a.mean(axis=1)
+      half = 1.959963984540054 * per_problem.std(ddof=1) / np.sqrt(len(per_problem))
+      want.setdefault(t, []).append((int(point[3:]), per_problem.mean(), half))
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for step in range(1, rl_steps + 1):
+      row = {"stage": "rl", "step": step}
+      for i, t in enumerate(taxonomy.TASK_TYPES):
+        row |= {f"reward_accuracy/{t}": np.clip(
+                    0.3 + step / rl_steps / (1 + i) + 0.2 * rng.standard_normal(), 0, 1),
+                f"length/{t}": 100 + 10 * i + 5 * rng.standard_normal(),
+                f"entropy/{t}": 0.8 - 0.3 * step / rl_steps + 0.05 * rng.standard_normal()}
+      f.write(json.dumps(row) + "\n")
+  return want
+
+
+def test_task_history_reads_each_tasks_heldout_accuracy_and_interval(tmp_path):
+  want = fake_run(tmp_path)
+  eval_dir = str(tmp_path / "eval")
+  assert report.task_history_set(eval_dir) == SUITE_SET  # preferred over the first set, "other"
+  got = report.task_history(eval_dir)
+  assert list(got) == list(want)
+  for task, rows in want.items():
+    assert got[task].shape == (3, 3)
+    np.testing.assert_allclose(got[task], np.asarray(rows), rtol=1e-12, err_msg=task)
+  # Another set by name; the set-level history still reads every point, rl_0 (before RL) first.
+  np.testing.assert_allclose(report.task_history(eval_dir, "other")[taxonomy.TASK_TYPES[0]],
+                             [[0, 0.9, 0.0], [10, 0.9, 0.0], [20, 0.9, 0.0]], atol=1e-12)
+  assert report.history(eval_dir)[SUITE_SET][:, 0].tolist() == [0, 10, 20]
+  assert report.task_history(str(tmp_path / "none")) == {}
+
+
+def test_write_plots_writes_the_per_task_curves(tmp_path):
+  fake_run(tmp_path)
+  evals = {name: {"overall": np.linspace(0.2, 0.7, taxonomy.NUM_TASKS)}
+           for name in ("before_rl", "after_rl")}
+  paths = plots.write_plots(str(tmp_path), evals)
+  assert [os.path.basename(p) for p in paths] == [
+      "rl_curves.png", "rl_length_entropy.png", "eval_per_task.png"]
+  for path in paths:
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100, path
+    assert image[..., :3].std() > 0, path  # something is drawn

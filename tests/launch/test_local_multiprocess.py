@@ -55,7 +55,8 @@ def fake(tmp_path):
   path.chmod(0o755)
   ready = tmp_path / "ready"
   ready.mkdir()
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "FAKE_"))}
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("JAX_", "FAKE_")) and k != "XLA_FLAGS"}  # each test sets its own
   env.update(PYTHON=str(path), READY_DIR=str(ready))
   return env
 
