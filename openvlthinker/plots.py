@@ -36,8 +36,7 @@ def _raw_and_smoothed(ax, pts: np.ndarray, color: str, label: str | None = None)
   return ax.plot(pts[:, 0], _smooth(pts[:, 1]), color=color, lw=1.6, label=label)
 
 
-def plot_rl_curves(records, path: str, heldout: dict[str, np.ndarray] | None = None,
-                   heldout_name: str = "held-out") -> None:
+def plot_rl_curves(records, path: str, heldout: dict[str, np.ndarray] | None = None) -> None:
   """One panel per task type, accuracy over RL steps on one [0, 1] axis: the rollouts' accuracy
   (`reward_accuracy/<task>` of the "rl" records; raw faint, smoothed on top) and the held-out
   accuracy with its 95 % intervals (heldout: {task: float[n, 3] rows (step, mean@K,
@@ -53,7 +52,7 @@ def plot_rl_curves(records, path: str, heldout: dict[str, np.ndarray] | None = N
       handles["rollout accuracy (smoothed; raw faint)"], = _raw_and_smoothed(ax, pts, "C0")
     rows = heldout.get(task, np.zeros((0, 3)))
     if len(rows):
-      handles[f"{heldout_name} accuracy (mean@K ± 95 %)"] = ax.errorbar(
+      handles["held-out accuracy (mean@K ± 95 %)"] = ax.errorbar(
           rows[:, 0], rows[:, 1], yerr=rows[:, 2], color="C3", marker="o", ms=4, lw=1.2,
           capsize=3)
     if not len(pts) and not len(rows):
@@ -149,18 +148,15 @@ def plot_task_balance(runs: dict[str, list[dict]], path) -> None:
   fig.savefig(path, dpi=110, format="png")  # a path or a binary file
 
 
-def write_plots(workdir: str, evals: dict[str, dict[str, np.ndarray]]) -> list[str]:
-  """The run's figures in `workdir`: rl_curves.png (per task: rollout and held-out accuracy),
-  rl_length_entropy.png, eval_per_task.png (`evals`) and, when logged, task_balance.png; returns
-  their paths."""
-  from openvlthinker.eval import report  # report draws with this module: imported at call time
+def write_plots(workdir: str, evals: dict[str, dict[str, np.ndarray]],
+                heldout: dict[str, np.ndarray] | None = None) -> list[str]:
+  """The run's figures in `workdir`: rl_curves.png (per task: rollout accuracy and the `heldout`
+  history of `plot_rl_curves`), rl_length_entropy.png, eval_per_task.png (`evals`) and, when
+  logged, task_balance.png; returns their paths."""
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  eval_dir = os.path.join(workdir, "eval")
-  heldout_set = report.task_history_set(eval_dir)
   paths = [os.path.join(workdir, name) for name in
            ("rl_curves.png", "rl_length_entropy.png", "eval_per_task.png")]
-  plot_rl_curves(records, paths[0], report.task_history(eval_dir, heldout_set),
-                 heldout_set or "held-out")
+  plot_rl_curves(records, paths[0], heldout)
   plot_length_entropy(records, paths[1])
   plot_eval_bars(evals, paths[2])
   if any(k.startswith("grad_norm_task/") for r in records for k in r):  # rl.task_balance_every

@@ -18,6 +18,7 @@ import numpy as np
 from openvlthinker import multihost, taxonomy
 from openvlthinker.data import json_source, pipeline
 from openvlthinker.data import tokenizer as tokenizer_lib
+from openvlthinker.eval import metrics
 from openvlthinker.eval.sets import SUITE_SET, Decoding, EvalSet, parse_sets
 from openvlthinker.eval.sources import suite_heldout
 from openvlthinker.rl import rewards, scoring
@@ -122,11 +123,8 @@ def per_task(all_samples: Sequence[Samples]) -> dict[str, np.ndarray]:
   out = scoring.per_task_means(parts, task_ids, taxonomy.NUM_TASKS)
   problem_acc = np.concatenate([s.parts["accuracy"].mean(axis=1) for s in all_samples])
   problem_task = np.concatenate([s.task_ids for s in all_samples])
-  out["accuracy_se"] = np.full(taxonomy.NUM_TASKS, np.nan)
-  for t in range(taxonomy.NUM_TASKS):
-    acc = problem_acc[problem_task == t].astype(np.float64)
-    if len(acc) > 1:
-      out["accuracy_se"][t] = acc.std(ddof=1) / np.sqrt(len(acc))
+  out["accuracy_se"] = np.asarray([metrics.standard_error(problem_acc[problem_task == t])
+                                   for t in range(taxonomy.NUM_TASKS)])
   return out
 
 

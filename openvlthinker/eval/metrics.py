@@ -32,12 +32,20 @@ def pass_at_k(n: int, c: np.ndarray, k: int) -> np.ndarray:
   return out
 
 
+def standard_error(values: np.ndarray) -> float:
+  """s / √P of per-problem values float[P] (s with ddof 1); NaN when P < 2."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return float("nan")
+  return float(values.std(ddof=1) / np.sqrt(values.size))
+
+
 def interval(values: np.ndarray) -> tuple[float, float]:
   """(mean, half-width of the 95 % normal interval) of per-problem values float[P]."""
   values = np.asarray(values, np.float64)
   if values.size == 0:
     return float("nan"), float("nan")
-  half = Z_95 * values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
+  half = Z_95 * standard_error(values) if values.size > 1 else 0.0
   return float(values.mean()), float(half)
 
 

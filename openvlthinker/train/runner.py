@@ -119,8 +119,10 @@ def run(config, workdir: str, mode: str):
       stage = RLStage(ctx, writer, evaluation)
       _, evals = stage.run(start.params)
       print(report(workdir, evals, stage.evaluation.description))
-      for path in plots.write_plots(workdir, evals) if multihost.is_primary() else ():
-        print(f"wrote {path}")
+      if multihost.is_primary():  # process 0 wrote eval/; it draws the figures
+        heldout = eval_report.task_history(stage.evaluation.eval_dir)
+        for path in plots.write_plots(workdir, evals, heldout):
+          print(f"wrote {path}")
     except loop.Preempted as e:
       print(str(e) + "; rerun the same command to resume", file=sys.stderr)
       sys.exit(0)

@@ -179,7 +179,7 @@ def test_write_plots_writes_the_per_task_curves(tmp_path):
   fake_run(tmp_path)
   evals = {name: {"overall": np.linspace(0.2, 0.7, taxonomy.NUM_TASKS)}
            for name in ("before_rl", "after_rl")}
-  paths = plots.write_plots(str(tmp_path), evals)
+  paths = plots.write_plots(str(tmp_path), evals, report.task_history(str(tmp_path / "eval")))
   assert [os.path.basename(p) for p in paths] == [
       "rl_curves.png", "rl_length_entropy.png", "eval_per_task.png"]
   for path in paths:
