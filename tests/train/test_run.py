@@ -53,9 +53,11 @@ def run(env, workdir, *overrides, timeout=600):
 
 def interrupt_when(env, workdir, overrides, checkpoint: str, sig) -> subprocess.CompletedProcess:
   """Starts the run, sends `sig` once `workdir/checkpoint` exists, returns the finished process."""
+  target = os.path.join(workdir, checkpoint)
+  # A checkpoint of an earlier run would send the signal before this run even holds the lock.
+  assert not os.path.isdir(target), f"{checkpoint} exists before the run starts"
   proc = subprocess.Popen(command(workdir, *overrides), cwd=ROOT, env=env, text=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  target = os.path.join(workdir, checkpoint)
   deadline = time.time() + 600
   while not os.path.isdir(target) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.1)
@@ -95,7 +97,9 @@ def test_preempted_and_killed_run_matches_uninterrupted(tmp_path, env, mesh):
     assert term.returncode == 0 and "SIGTERM: saved the sft checkpoint" in term.stderr, \
         term.stderr
     assert 1 <= max(steps_of(cut, "sft")) < 4 and not steps_of(cut, "rl")
-    kill = interrupt_when(env, cut, overrides, "sft/checkpoints/3", signal.SIGKILL)
+    # The next checkpoint: the SIGTERM run may have reached step 3 before it stopped.
+    kill = interrupt_when(env, cut, overrides, f"sft/checkpoints/{max(steps_of(cut, 'sft')) + 1}",
+                          signal.SIGKILL)
     assert kill.returncode == -signal.SIGKILL and not steps_of(cut, "rl")
     # Ctrl-C saves too. The SIGKILL left the workdir lock behind: it is taken over.
     sigint = interrupt_when(env, cut, overrides, "rl/checkpoints/1", signal.SIGINT)
