@@ -51,11 +51,17 @@ def ref_rloo(x) -> np.ndarray:
   return np.zeros(n) if n < 2 else x - (x.sum() - x) / (n - 1)
 
 
+def ref_gdpo_summed(groups, valid, *, parts) -> np.ndarray:
+  """GDPO's first stage: GRPO of each reward part per group, summed per row."""
+  return sum(per_segment(ref_grpo, np.asarray(parts, np.float64)[:, k], groups, valid)
+             for k in range(np.shape(parts)[1]))
+
+
 def ref_gdpo(rewards, groups, tasks, valid, *, parts, lengths) -> np.ndarray:
   """GRPO of each reward part per group, summed, whitened over the valid tokens (length-weighted
   mean and population std, + 1e-6)."""
-  summed = sum(per_segment(ref_grpo, np.asarray(parts, np.float64)[:, k], groups, valid)
-               for k in range(np.shape(parts)[1]))
+  del rewards, tasks
+  summed = ref_gdpo_summed(groups, valid, parts=parts)
   w = np.where(valid, np.asarray(lengths, np.float64), 0.0)
   total = max(w.sum(), 1.0)
   mean = (w * summed).sum() / total

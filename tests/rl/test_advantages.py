@@ -1,7 +1,7 @@
 """Tests of rl/advantages.py against numpy loops over groups and tasks (float64, scipy's ndtri)."""
 import functools
 
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,15 +294,37 @@ def part_batches(draw):
   return b
 
 
+def _cancelling_parts_batch():
+  """Two valid rows whose accuracy and structure advantages cancel but for GRPO's 1e-6 (the
+  summed advantages are +-1e-6): the worst conditioning of GDPO's whitening, found by hypothesis
+  under `make mutate`'s seeds (float32 gives 0.5545 where float64 gives 0.5505)."""
+  b = dict(rewards=np.full(B_PAD, np.nan, np.float32), groups=np.zeros(B_PAD, np.int32),
+           tasks=np.zeros(B_PAD, np.int32), valid=np.zeros(B_PAD, bool),
+           parts=np.zeros((B_PAD, 3), np.float32), lengths=np.ones(B_PAD, np.int32))
+  b["rewards"][:2] = [1.0, 0.0]
+  b["valid"][:2] = True
+  b["parts"][:2] = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.5]]
+  return b
+
+
 @settings(max_examples=25, deadline=None)
 @given(b=part_batches())
+@example(b=_cancelling_parts_batch())
 def test_gdpo_matches_numpy_loop(b):
   assert adv.uses_reward_parts("gdpo")
   kw = dict(parts=b["parts"], lengths=b["lengths"])
   want = advantage_reference.ref_gdpo(b["rewards"], b["groups"], b["tasks"], b["valid"], **kw)
   got = np.asarray(_jitted_estimator("gdpo")(b["rewards"], b["groups"], b["tasks"], b["valid"],
                                              **kw))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The final whitening divides by the std of the summed part advantages: where the parts'
+  # advantages cancel (say +0.70711 and -0.70711, which GRPO's 1e-6 makes differ in the 6th
+  # digit), that std is ~1e-6 and float32's rounding of the sums (a few ulps of values up to ~4:
+  # 2e-6) is divided by it. Tolerance as that conditioning allows.
+  summed = advantage_reference.ref_gdpo_summed(b["groups"], b["valid"], parts=b["parts"])
+  w = np.where(b["valid"], b["lengths"], 0.0)
+  total = max(w.sum(), 1.0)
+  std = np.sqrt((w * (summed - (w * summed).sum() / total) ** 2).sum() / total)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 + 2e-6 / (std + 1e-6))
   assert np.all(got[~b["valid"]] == 0)
 
 

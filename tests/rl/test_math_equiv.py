@@ -7,7 +7,7 @@ import time
 import pytest
 import sympy
 
-from openvlthinker.rl import math_equiv
+from openvlthinker.rl import math_equiv, math_parse
 
 
 @pytest.mark.parametrize("pred, truth", [
@@ -152,3 +152,35 @@ def test_deadline_interrupts_only_the_named_modules():
       json.JSONEncoder().encode({"a": 1})
   assert calls == [1] and type(info.value).__name__ == "_Timeout"
   assert math_equiv.Timeout is type(info.value)
+
+
+def _ast(text):
+  (node,) = math_parse.parse(text)
+  return node
+
+
+@pytest.mark.parametrize("text, want", [
+    ("\\pi", sympy.pi), ("e", sympy.E), ("\\sqrt{x}", sympy.sqrt(sympy.Symbol("x"))),
+    ("\\sin(x)", sympy.sin(sympy.Symbol("x"))), ("x+1", sympy.Symbol("x") + 1),
+    ("x-y", sympy.Symbol("x") - sympy.Symbol("y")), ("x/y", sympy.Symbol("x") / sympy.Symbol("y")),
+    ("x^{3}", sympy.Symbol("x") ** 3), ("-x", -sympy.Symbol("x")), ("3/4", sympy.Rational(3, 4)),
+])
+def test_to_sympy_builds_each_kind_of_node(text, want):
+  """The sympy fallback's translation, node kind by node kind (a wrong child or constant would
+  only show where no numeric point decides)."""
+  assert sympy.simplify(math_equiv.to_sympy(_ast(text)) - want) == 0
+
+
+def test_numeric_powers_of_zero_and_big_powers():
+  env = {"x": math_equiv._MP.mpf(2)}
+  assert math_equiv.numeric(_ast("0^{x}"), env) == 0  # log(0) would make it "too large"
+  assert math_equiv.numeric(_ast("1^{x}"), env) == 1
+  with pytest.raises(OverflowError):
+    math_equiv.numeric(_ast("10^{10^{x+3}}"), env)
+
+
+def test_sympy_is_spared_big_literals_and_towers():
+  assert math_equiv._sympy_safe(_ast("999999 x"))
+  assert not math_equiv._sympy_safe(_ast("1000000 x"))
+  assert not math_equiv._sympy_safe(_ast("x / 1000000"))
+  assert not math_equiv._sympy_safe(_ast("(x^{1000})^{1000}"))

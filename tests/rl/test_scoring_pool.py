@@ -163,6 +163,13 @@ def test_the_pool_is_sized_to_the_host():
   assert 1 <= scoring.workers() <= min(os.cpu_count(), scoring.MAX_WORKERS)
 
 
+def test_workers_start_from_a_fork_server():
+  """Not forked from the trainer: a fork of a process whose JAX runtime runs threads can hang."""
+  texts, batch, index = _batch(copies=2)
+  scoring.score_rows(texts, batch, index)
+  assert scoring._state["pool"]._mp_context.get_start_method() == "forkserver"
+
+
 def test_workers_that_cannot_start_leave_scoring_in_the_caller(fresh_pool, monkeypatch):
   class NoChildren(scoring.futures.ProcessPoolExecutor):
     def submit(self, *args, **kwargs):

@@ -39,7 +39,7 @@ def test_static_thresholds_are_checked():
   bad = dict(shaping.DEFAULT_LENGTH_THRESHOLDS, ocr=(30.0, 30.0, 50.0, 75.0))
   with pytest.raises(ValueError, match="ocr"):
     shaping.static_thresholds(bad)
-  with pytest.raises(ValueError, match="one entry per task"):
+  with pytest.raises(ValueError, match="^thresholds: expected one entry per task"):
     shaping.static_thresholds({"ocr": (1, 2, 3, 4)})
 
 
@@ -238,7 +238,8 @@ def test_exact_entropy_gradient_with_removed_tokens_is_the_kept_distributions(to
 
 
 def test_entropy_config_errors():
-  with pytest.raises(ValueError, match="estimator"):
+  with pytest.raises(ValueError,
+                     match=r"^estimator: expected one of \('sampled_token', 'exact'\), got 'mc'$"):
     shaping.EntropyShapingConfig(estimator="mc")
   with pytest.raises(ValueError, match="h_min"):
     shaping.EntropyShapingConfig(h_min=(0.1, 0.2))

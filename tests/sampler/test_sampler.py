@@ -246,8 +246,10 @@ def test_sharded_on_8_devices_equals_one_device(cfg, state, sampled):
   sampler = Sampler(graphdef, SAMPLED, sharder)
   # The decode loop carries each device's shard of the response cache: rows over data × fsdp
   # (16 / 4), kv heads over tensor (2 / 2).
-  hlo = sampler.lower(sharded, tokens, mask, images, jax.random.key(4),
-                      group_size=2).compile().as_text()
+  lowered = sampler.lower(sharded, tokens, mask, images, jax.random.key(4), group_size=2)
+  # The images are an input of the lowered program (the vision tower runs in it).
+  assert f"tensor<{'x'.join(map(str, images.shape))}x" in lowered.as_text()
+  hlo = lowered.compile().as_text()
   t = cfg.text
   local = {f"f32[4,1,{t.head_dim},{LR - 1}]", f"f32[4,1,{LR - 1},{t.head_dim}]"}
   assert any(re.search(r"\) while\(", l) and all(x in l for x in local) for l in hlo.split("\n"))
@@ -399,3 +401,17 @@ def test_decode_phases_change_only_the_cache_size(model, state, cfg, phases):
   slots = {int(m) for line in hlo.split("\n") if re.search(r"\) while\(", line)
            for m in key_cache.findall(line.split(" while(")[0])}
   assert sorted(slots) == [end - 1 for end in ends]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_buckets=()), "prompt_buckets: expected a non-empty tuple of positive lengths, "
+                              "got ()"),
+    (dict(prompt_buckets=(16, 0)), "prompt_buckets: expected a non-empty tuple of positive "
+                                   "lengths, got (16, 0)"),
+    (dict(stop_tokens=(2,), banned_tokens=(2, 3)), "banned_tokens: expected no overlap with "
+                                                   "stop_tokens=(2,), got (2, 3)"),
+])
+def test_a_bad_sampler_setting_is_named(kwargs, message):
+  with pytest.raises(ValueError) as e:
+    SamplerConfig(max_new_tokens=2, **kwargs)
+  assert str(e.value) == message

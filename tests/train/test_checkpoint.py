@@ -15,6 +15,7 @@ import pytest
 import tensorstore as ts
 
 from openvlthinker.train.checkpoint import CheckpointError, Checkpointer
+from openvlthinker.train import weights
 from openvlthinker.train.loop import StageCheckpoints, flatten_state, unflatten_state
 
 
@@ -86,6 +87,16 @@ def test_a_failure_that_is_not_damage_moves_nothing(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
     ckpt.restore_latest(_tree(0))
   assert os.listdir(tmp_path) == ["1"]
+
+
+def test_only_the_newest_steps_are_kept_and_a_missing_step_is_named(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "c"), max_to_keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, _tree(step), {})
+  assert ckpt.steps() == [2, 3] and sorted(os.listdir(tmp_path / "c")) == ["2", "3"]
+  with pytest.raises(CheckpointError, match=r"no step 1 in .*/empty/sft/checkpoints; its steps: "
+                     r"none$"):
+    StageCheckpoints(str(tmp_path / "empty"), "sft", keep=None).restore_params(_tree(0), step=1)
 
 
 def test_no_readable_checkpoint_is_an_error_naming_it(tmp_path):
@@ -217,3 +228,33 @@ def test_flat_state_names_are_readable_and_invert():
   jax.tree.map(np.testing.assert_array_equal, back, tree)
   with pytest.raises(ValueError, match="missing entries"):
     unflatten_state(tree, {"step": 1})
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("", (None, None)), ("sft", ("sft", None)), ("rl", ("rl", None)), ("rl:40", ("rl", 40)),
+    ("300", (None, 300)),
+])
+def test_checkpoint_spec_names_a_stage_and_a_step(spec, want):
+  assert weights.parse_spec(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["sft:", ":3", "ppo", "sft:x", 3])
+def test_a_bad_checkpoint_spec_is_named(spec):
+  with pytest.raises(ValueError, match=r"^checkpoint: expected '', 'sft', 'rl', 'sft:STEP', "):
+    weights.parse_spec(spec)
+
+
+def test_a_run_config_read_back_from_json_gives_the_same_sharder(tmp_path):
+  """JSON turns the rules' tuples into lists and keeps None (a replicated axis): the sharder of
+  the recorded config (eval mode, `model.init`) has the same, hashable rules."""
+  import json
+
+  from configs import test as test_config
+  from openvlthinker.train import context
+  c = test_config.get_config()
+  c.sharding_rules = (*c.sharding_rules, ("act_image", None))
+  with open(tmp_path / context.CONFIG_FILE, "w") as f:
+    json.dump(c.to_dict(), f)
+  got = context.make_sharder(context.load_run_config(str(tmp_path)))
+  assert got.rules == context.make_sharder(c).rules and hash(got.rules)
+  assert ("batch", ("data", "fsdp")) in got.rules and ("act_image", None) in got.rules

@@ -102,3 +102,34 @@ def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
   # The test has teeth: without warmup the first update alone moves every parameter.
   no_warmup = numpy_adamw(params0(), grad_seq[:1], lambda c: lr, weight_decay, grad_clip)[0]
   assert np.abs(no_warmup["b"] - np.asarray(params0()["b"])).min() > 0.5 * lr
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate=0.0), "learning_rate: expected a finite number > 0, got 0.0"),
+    (dict(learning_rate=float("nan")), "learning_rate: expected a finite number > 0, got nan"),
+    (dict(learning_rate=1e-3, b2=1.0), "b2: expected a number in [0, 1), got 1.0"),
+    (dict(learning_rate=1e-3, weight_decay=-0.1), "weight_decay: expected a finite number >= 0"),
+    (dict(learning_rate=1e-3, grad_clip=-1.0),
+     "grad_clip: expected a finite number >= 0 (0 = off), got -1.0"),
+    (dict(learning_rate=1e-3, warmup_steps=2.5), "warmup_steps: expected an integer >= 0"),
+])
+def test_a_bad_optimizer_argument_is_named(kwargs, message):
+  with pytest.raises(ValueError) as e:
+    make_optimizer(**kwargs)
+  assert str(e.value).startswith(message)
+
+
+def test_a_fresh_state_lives_on_the_mesh_extra_statistics_included():
+  """The 8-device start-up: params sharded by their rules, the step, the skip count and the
+  shaping statistics (`extra`, made on the host) replicated on the mesh, not left on device 0."""
+  from openvlthinker.sharding import Sharder, make_mesh
+  from openvlthinker.train.state import create_train_state
+  from flax import nnx
+  sharder = Sharder(make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+  model = nnx.Dict(w=nnx.Param(jnp.ones((8, 4)), logical_axes=("embed", None)))
+  params = nnx.state(model, nnx.Param)
+  extra = {"length_hist": np.zeros((6, 4), np.float32)}
+  state, _ = create_train_state(params, make_optimizer(1e-3), sharder, extra=extra)
+  for leaf in (state.step, state.skipped, state.extra["length_hist"]):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  assert not jax.tree.leaves(state.params)[0].sharding.is_fully_replicated

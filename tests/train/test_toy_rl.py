@@ -209,17 +209,25 @@ def test_rl_steps_solve_the_toy_task(toy, name):
 
 def test_packed_rl_steps_solve_the_toy_task():
   """The trainer's step with `rl.packing` on (images in every prompt): each minibatch is packed
-  (every rollout row with tokens in one table row exactly once) and G²RPO still solves the task."""
+  (every rollout row with tokens in one table row exactly once) and G²RPO still solves the task,
+  with a KL term to the reference model and entropy shaping on."""
   config = toy_config(packed=True)
   config.rl.task_balance_every = 4  # each task's gradient share on steps 0 and 4
+  # A KL term to the reference model (its log-probs through the packed rows) and entropy
+  # shaping, the options the trainer wires in besides the policy loss.
+  config.rl.loss.kl_coef = 0.01
+  config.rl.entropy.enabled = True
   stage, params, minibatches, rollouts = make_toy(config)
   state = stage.initial_state(params)
   before = expected_accuracy(first_token_probs(stage, params))
   data = prompt_batches(seed=1)
+  kls = []
   for step in range(STEPS):
     minibatches.clear(), rollouts.clear()
     state, metrics = stage.step(state, data, step, params)
     assert np.isfinite(metrics["policy_loss"]) and metrics["grad_norm"] > 0
+    assert np.isfinite(metrics["entropy_loss"]) and metrics["kl_ref"] >= 0
+    kls.append(metrics["kl_ref"])
     shares = {k: v for k, v in metrics.items() if k.startswith("grad_share/")}
     if step % 4:
       assert not shares
@@ -238,3 +246,4 @@ def test_packed_rl_steps_solve_the_toy_task():
   (a_before, b_before) = before
   a_after, b_after = expected_accuracy(first_token_probs(stage, state.params))
   assert a_after > 2 * a_before and b_after > b_before + 0.3, (before, (a_after, b_after))
+  assert kls[-1] > 0  # the policy moved away from the reference

@@ -54,3 +54,14 @@ def test_lock_of_another_host_refuses_and_says_how_to_clear_it(tmp_path):
 def test_disabled_lock_touches_nothing(tmp_path):
   with WorkdirLock(str(tmp_path), enabled=False):
     assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_a_lock_that_keeps_changing_hands_is_an_error_not_a_hang(tmp_path, monkeypatch):
+  from openvlthinker.train import workdir_lock
+  write_lock(str(tmp_path), host=socket.gethostname(), pid=os.getpid())
+  reads = []
+  monkeypatch.setattr(workdir_lock, "_read", lambda path: reads.append(path))  # gone each time
+  with pytest.raises(RunError, match=r"/\.lock: could not take the workdir lock \(it keeps "
+                     r"changing hands\)$"):
+    WorkdirLock(str(tmp_path), enabled=True).acquire()
+  assert len(reads) == 100

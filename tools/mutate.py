@@ -1,0 +1,149 @@
+"""`make mutate`: mutmut over the modules setup.cfg names, all of them or a seeded random sample,
+and the kill rate with its 95 % interval, overall and per area.
+
+  python tools/mutate.py [--sample=N] [--seed=S] [PATTERN ...]
+
+All ~10,000 mutants take days on 2 cores (each runs the fast tests that reach its function,
+many of which trace and compile JAX), so `--sample=N` runs N mutants drawn uniformly at random
+(seeded): an unbiased estimate of the kill rate, with a Wilson interval for its sampling error.
+mutmut names its mutants only once it has generated them, so a sampled run first lets mutmut
+generate them and record which tests reach which function (a run that matches no mutant),
+then runs the sample. (Never run `mutmut print-time-estimates` alone: it drops that mapping, as
+mutmut 3.8 knows the functions' hashes only in a run that generated the mutants.)
+
+Writes mutants/survivors.txt (each surviving mutant's name and diff) and mutants/kill_rate.json;
+prints the summary. Rerunning continues: mutmut keeps each mutant's result.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import glob
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MUTMUT = [os.path.join(os.path.dirname(sys.executable), "mutmut")]
+MATCHES_NOTHING = "openvlthinker.__no_mutant__*"
+# mutmut's exit-code statuses (mutmut.stats.status_by_exit_code) folded into what a kill rate
+# counts: a timeout or a crash of the tests is the mutant detected.
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+NOT_RUN = {"skipped", "not checked", "check was interrupted by user"}
+
+
+def mutant_names() -> list[str]:
+  """Every generated mutant's name, sorted (mutmut's .meta files: one per mutated module)."""
+  names = []
+  for meta in glob.glob(os.path.join(ROOT, "mutants", "**", "*.py.meta"), recursive=True):
+    with open(meta) as f:
+      names.extend(json.load(f)["exit_code_by_key"])
+  return sorted(names)
+
+
+def statuses() -> dict[str, str]:
+  """{mutant name: mutmut's status} of every generated mutant."""
+  from mutmut.stats import status_by_exit_code
+  out = {}
+  for meta in glob.glob(os.path.join(ROOT, "mutants", "**", "*.py.meta"), recursive=True):
+    with open(meta) as f:
+      for name, code in json.load(f)["exit_code_by_key"].items():
+        out[name] = status_by_exit_code[code]
+  return out
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+  """Whether `name` is one of `patterns` (mutmut names or fnmatch patterns); all, when none."""
+  return not patterns or any(name == p or fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def area(name: str) -> str:
+  """The guarded area a mutant belongs to: openvlthinker.rl.x.f__mutmut_3 -> openvlthinker/rl."""
+  parts = name.split(".")
+  return "/".join(parts[:2]) + (".py" if parts[1] == "sampler" else "")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The 95 % Wilson score interval of a proportion k / n (sound near 0 and 1, unlike k/n ± z·se)."""
+  if n == 0:
+    return 0.0, 1.0
+  p = k / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summary(names: list[str], status: dict[str, str]) -> dict:
+  """Kill rate over the mutants in `names` that ran, overall and per area, with intervals."""
+  groups = collections.defaultdict(list)
+  for name in names:
+    groups["all"].append(name)
+    groups[area(name)].append(name)
+  out = {}
+  for group, members in sorted(groups.items()):
+    counts = collections.Counter(status.get(n, "not checked") for n in members)
+    ran = sum(v for k, v in counts.items() if k not in NOT_RUN)
+    killed = sum(v for k, v in counts.items() if k in KILLED)
+    low, high = wilson(killed, ran)
+    out[group] = {"mutants": len(members), "ran": ran, "killed": killed,
+                  "kill_rate": killed / ran if ran else None, "interval_95": [low, high],
+                  "statuses": dict(sorted(counts.items()))}
+  return out
+
+
+def write_survivors(names: list[str], status: dict[str, str], path: str) -> list[str]:
+  """Each mutant that ran and was not killed, with its diff (`mutmut show`); returns them."""
+  survivors = [n for n in names if status.get(n, "not checked") not in KILLED | NOT_RUN]
+  with open(path, "w") as f:
+    for name in survivors:
+      diff = subprocess.run(MUTMUT + ["show", name], cwd=ROOT, capture_output=True, text=True)
+      f.write(f"{diff.stdout.rstrip()}\n\n")
+  return survivors
+
+
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sample", type=int, default=0, help="run N mutants drawn at random")
+  parser.add_argument("--seed", type=int, default=0, help="the sample's seed")
+  parser.add_argument("--max-children", type=int, default=2)
+  parser.add_argument("patterns", nargs="*", help="mutmut mutant names or fnmatch patterns")
+  args = parser.parse_args(argv)
+  run = MUTMUT + ["run", f"--max-children={args.max_children}"]
+  if args.sample < 0:
+    parser.error(f"--sample: expected a number of mutants >= 0, got {args.sample}")
+  if args.sample:
+    if not mutant_names() or not os.path.exists(os.path.join(ROOT, "mutants", "mutmut-stats.json")):
+      # Generates the mutants and maps tests to functions, then stops: nothing matches (exit 1).
+      subprocess.run(run + [MATCHES_NOTHING], cwd=ROOT, check=False)
+      if not os.path.exists(os.path.join(ROOT, "mutants", "mutmut-stats.json")):
+        sys.exit("mutmut could not map the tests to the mutated functions (output above)")
+    pool = [n for n in mutant_names() if matches(n, args.patterns)]
+    chosen = sorted(random.Random(args.seed).sample(pool, min(args.sample, len(pool))))
+  else:
+    chosen = list(args.patterns)
+  subprocess.run(run + chosen, cwd=ROOT, check=True)
+
+  status = statuses()
+  names = chosen if args.sample else sorted(n for n in status if matches(n, args.patterns))
+  result = summary(names, status)
+  result["sample"] = {"size": args.sample, "seed": args.seed, "of": len(status)} if args.sample \
+      else None
+  survivors = write_survivors(names, status, os.path.join(ROOT, "mutants", "survivors.txt"))
+  with open(os.path.join(ROOT, "mutants", "kill_rate.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  print(json.dumps(result, indent=1))
+  whole = result["all"]
+  if whole["ran"]:
+    low, high = whole["interval_95"]
+    print(f"killed {whole['killed']} of {whole['ran']} mutants run ({100 * whole['kill_rate']:.1f} %,"
+          f" 95 % interval {100 * low:.1f}-{100 * high:.1f} %); {len(survivors)} survivors in "
+          "mutants/survivors.txt")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
