@@ -208,3 +208,18 @@ def test_sharded_batch_gives_same_result():
   want = step(*args)
   got = step(*map(shard, args))
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+
+
+def test_loss_value_divides_by_any_positive_token_count():
+  """One response (seq_mean_token_mean's denominator 1) or one token still has its loss; only an
+  empty batch gives 0."""
+  assert float(losses.loss_value(jnp.float32(2.0), jnp.float32(1.0))) == 2.0
+  assert float(losses.loss_value(jnp.float32(2.0), jnp.float32(4.0))) == 0.5
+  assert float(losses.loss_value(jnp.float32(2.0), jnp.float32(0.0))) == 0.0
+
+
+def test_clip_bounds_may_be_zero():
+  """clip_high = 0 (no upward ratio change on positive advantages) is a valid setting."""
+  assert losses.PolicyLossConfig(clip_high=0.0).clip_high == 0.0
+  with pytest.raises(ValueError, match="clip_high"):
+    losses.PolicyLossConfig(clip_high=-0.1)

@@ -112,7 +112,7 @@ def test_adaptive_thresholds_are_ordered(lengths, seed):
 def test_thresholds_start_from_the_prior():
   cfg = shaping.AdaptiveLengthConfig()
   np.testing.assert_array_equal(cfg.thresholds(cfg.init()), shaping.static_thresholds())
-  with pytest.raises(ValueError, match="ramp"):
+  with pytest.raises(ValueError, match=r"^ramp: expected 0 < ramp < 1, got 1\.0$"):
     dataclasses.replace(cfg, ramp=1.0)
   with pytest.raises(ValueError, match="prior"):
     dataclasses.replace(cfg, num_tasks=3)

@@ -240,8 +240,9 @@ def test_checkpoint_spec_names_a_stage_and_a_step(spec, want):
 
 @pytest.mark.parametrize("spec", ["sft:", ":3", "ppo", "sft:x", 3])
 def test_a_bad_checkpoint_spec_is_named(spec):
-  with pytest.raises(ValueError, match=r"^checkpoint: expected '', 'sft', 'rl', 'sft:STEP', "):
+  with pytest.raises(ValueError, match=r"^checkpoint: expected '', 'sft', 'rl', 'sft:STEP', ") as e:
     weights.parse_spec(spec)
+  assert str(e.value).endswith(f"got {spec!r}")
 
 
 def test_a_run_config_read_back_from_json_gives_the_same_sharder(tmp_path):
