@@ -36,24 +36,24 @@ KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 NOT_RUN = {"skipped", "not checked", "check was interrupted by user"}
 
 
-def mutant_names() -> list[str]:
-  """Every generated mutant's name, sorted (mutmut's .meta files: one per mutated module)."""
-  names = []
+def _exit_codes() -> dict[str, int | None]:
+  """{mutant name: mutmut's exit code (None: not run)} from its .meta files, one per module."""
+  out = {}
   for meta in glob.glob(os.path.join(ROOT, "mutants", "**", "*.py.meta"), recursive=True):
     with open(meta) as f:
-      names.extend(json.load(f)["exit_code_by_key"])
-  return sorted(names)
+      out.update(json.load(f)["exit_code_by_key"])
+  return out
+
+
+def mutant_names() -> list[str]:
+  """Every generated mutant's name, sorted."""
+  return sorted(_exit_codes())
 
 
 def statuses() -> dict[str, str]:
   """{mutant name: mutmut's status} of every generated mutant."""
   from mutmut.stats import status_by_exit_code
-  out = {}
-  for meta in glob.glob(os.path.join(ROOT, "mutants", "**", "*.py.meta"), recursive=True):
-    with open(meta) as f:
-      for name, code in json.load(f)["exit_code_by_key"].items():
-        out[name] = status_by_exit_code[code]
-  return out
+  return {name: status_by_exit_code[code] for name, code in _exit_codes().items()}
 
 
 def matches(name: str, patterns: list[str]) -> bool:

@@ -142,7 +142,10 @@ def history(eval_dir: str) -> dict[str, np.ndarray]:
 def task_history_set(eval_dir: str) -> str | None:
   """The set `task_history` reads by default: the suite's held-out split (`sets.SUITE_SET`) when
   any RL point evaluated it, else the first set of the earliest point; None before any point."""
-  points = _rl_points(eval_dir)
+  return _default_set(_rl_points(eval_dir))
+
+
+def _default_set(points: list[tuple[int, dict]]) -> str | None:
   if any(SUITE_SET in record["sets"] for _, record in points):
     return SUITE_SET
   return next((name for _, record in points for name in record["sets"]), None)
@@ -152,9 +155,10 @@ def task_history(eval_dir: str, set_name: str | None = None) -> dict[str, np.nda
   """{task type: float64[n, 3] rows (RL step, mean@K, its 95 % half-width)} of one evaluation set
   (`set_name`; default `task_history_set`) from eval/rl_*/, in `taxonomy.TASK_TYPES` order. n
   counts the points whose summary has that (set, task); K is each point's samples per problem."""
-  set_name = set_name or task_history_set(eval_dir)
+  points = _rl_points(eval_dir)  # each summary.json read once
+  set_name = set_name or _default_set(points)
   out: dict[str, list] = {}
-  for step, record in _rl_points(eval_dir):
+  for step, record in points:
     k = record["decoding"]["num_samples"]
     for task, m in record["sets"].get(set_name, {}).get("task_type", {}).items():
       out.setdefault(task, []).append((step, m[f"mean@{k}"], m[f"mean@{k}_ci"]))
