@@ -113,6 +113,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("patterns", nargs="*", help="mutmut mutant names or fnmatch patterns")
   args = parser.parse_args(argv)
   run = MUTMUT + ["run", f"--max-children={args.max_children}"]
+  # A mutant whose change leaves a program's HLO as it was reuses its compile (tests/conftest.py
+  # would give each mutmut process a cache of its own otherwise); the demo's cache directory.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
   if args.sample < 0:
     parser.error(f"--sample: expected a number of mutants >= 0, got {args.sample}")
   if args.sample:

@@ -46,10 +46,6 @@ def _task_values(name: str, value, num_tasks: int) -> tuple[float, ...]:
   return tuple(float(v) for v in value)
 
 
-def _per_task(name: str, value, num_tasks: int) -> np.ndarray:
-  return np.asarray(_task_values(name, value, num_tasks), np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class EntropyShapingConfig:
   """Entropy shaping; defaults are the public code's (off, λ = 0.02) and each task's declared
@@ -75,9 +71,8 @@ class EntropyShapingConfig:
       check(0 <= lo <= hi, f"h_min.{task}", f"0 <= h_min <= h_max={hi}", lo)
 
   def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-    """(H_min, H_max), float32[num_tasks] each."""
-    return (_per_task("h_min", self.h_min, self.num_tasks),
-            _per_task("h_max", self.h_max, self.num_tasks))
+    """(H_min, H_max), float32[num_tasks] each (`__post_init__` made them one per task)."""
+    return np.asarray(self.h_min, np.float32), np.asarray(self.h_max, np.float32)
 
 
 def entropy_penalty(token_entropy, mask, task_ids, h_min, h_max):

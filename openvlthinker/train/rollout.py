@@ -90,15 +90,14 @@ def collect(sampler: Sampler, params, data_iter: Iterator[dict], tokenizer, rng,
   group_rows = lambda groups: (groups[:, None] * g + np.arange(g)).reshape(-1)
   while tries < max_tries and multihost.any_process(bool((num_kept < quota).any())):
     prompt_batch = next(data_iter)
-    dropped_records += int(prompt_batch.get("num_dropped", 0))
+    dropped_records += int(prompt_batch["num_dropped"])  # every collated batch carries it
     batch, unparsable = _sample_once(sampler, params, prompt_batch, jax.random.fold_in(rng, tries),
                                      g, tokenizer, reward_fn, task_key_fn, timings, use_images)
     tries += 1
     p = batch.size // g
     sampled_groups += p
     sampled.append({"reward": batch.reward, "accuracy": batch.accuracy, "format": batch.format,
-                    "length_reward": batch.length_reward, "unparsable": unparsable,
-                    "task_ids": batch.task_ids})
+                    "unparsable": unparsable, "task_ids": batch.task_ids})
     group_acc = batch.accuracy.reshape(p, g).mean(axis=1)
     passing = (group_acc > low) & (group_acc < high) if filter_groups else np.ones(p, bool)
     for j, groups in enumerate(np.split(np.arange(p), shards)):

@@ -58,6 +58,7 @@ def test_an_empty_answer_never_scores_and_counts_as_unparsable(problem_type, emp
     ("?!", "open-ended", (), r"expected at least one word"),
     ("E", "multiple choice", OPTIONS, r"expected an option letter \(A, B, C, D\), got 'E'"),
     ("the third", "multiple choice", OPTIONS, r"expected an option letter"),
+    ("the third", "multiple choice", (), r"^expected an option letter, got 'the third'$"),
     ("three", "numerical", (), r"expected a finite number, got 'three'"),
     ("nan", "regression", (), r"finite number"),
     ("1e999", "numerical", (), r"finite number"),

@@ -154,6 +154,8 @@ def test_micro_batches_accumulate_to_the_full_batch(aggregation):
 
 def test_metrics_match_numpy():
   new, old, _, adv, mask, tasks = random_batch(5, b=12)
+  tasks[tasks == 2], tasks[-1] = 1, 2  # task 2: one response (its mean is its advantage)
+  mask[-1, 0] = True
   adv[:4] = [1.0, -1.0, -2.0, 0.5]
   new[:4, 0] = old[:4, 0] + np.log([1.6, 0.5, 3.5, 0.7]).astype(np.float32)  # high, low, dual
   out = losses.policy_loss(new, old, adv, mask, CFG, task_ids=tasks)
@@ -179,9 +181,12 @@ def test_metrics_match_numpy():
 
 def test_config_and_input_errors():
   for field, value in [("aggregation", "sum"), ("clip_low", 1.0), ("dual_clip", 1.1),
-                       ("name", "nope"), ("fixed_length", 0), ("kl_coef", -1.0)]:
-    with pytest.raises(ValueError, match=field):
+                       ("name", "nope"), ("fixed_length", 0), ("kl_coef", -1.0),
+                       ("log_ratio_clamp", 0.0)]:
+    with pytest.raises(ValueError, match=f"^{field}: expected "):
       dataclasses.replace(CFG, **{field: value})
+  with pytest.raises(ValueError, match="^old_logp: expected "):
+    losses.policy_loss(np.zeros((2, 3)), np.zeros((2, 4)), np.zeros(2), np.ones((2, 3)), CFG)
   with pytest.raises(ValueError, match="mask"):
     losses.policy_loss(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(2), np.ones((2, 4)), CFG)
   with pytest.raises(ValueError, match="advantages"):

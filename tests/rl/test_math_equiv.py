@@ -177,6 +177,9 @@ def test_numeric_powers_of_zero_and_big_powers():
   assert math_equiv.numeric(_ast("1^{x}"), env) == 1
   with pytest.raises(OverflowError):
     math_equiv.numeric(_ast("10^{10^{x+3}}"), env)
+  for fn in ("sin", "cos", "tan", "exp"):  # mpmath would reduce a huge argument exactly: slow
+    with pytest.raises(OverflowError, match=f"{fn} of a huge argument"):
+      math_equiv.numeric(_ast(f"\\{fn}(10^{{5}})"), env)
 
 
 def test_sympy_is_spared_big_literals_and_towers():

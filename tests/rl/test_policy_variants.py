@@ -102,7 +102,8 @@ def test_the_training_reward_adds_the_weighted_overlong_penalty():
             "format": np.ones(4, np.float32), "structure": np.full(4, 0.5, np.float32)}
   lengths, tasks = np.array([4, 12, 14, 16]), np.zeros(4, np.int32)
   plain = TrainingReward(length)(scores, lengths, tasks, length.static)
-  on = TrainingReward(length, OverlongPenalty(True, cache_length=8, weight=0.5, max_length=16))
+  c.rl.overlong.update(enabled=True, cache_length=8, weight=0.5)  # as the trainer builds it
+  on = TrainingReward(length, OverlongPenalty.from_config(c.rl.overlong, 16))
   shaped = on(scores, lengths, tasks, length.static)
   np.testing.assert_allclose(shaped["overlong_penalty"], 0.5 * np.array([0, -0.5, -0.75, -1]))
   np.testing.assert_allclose(shaped["reward"], plain["reward"] + shaped["overlong_penalty"],
@@ -110,3 +111,30 @@ def test_the_training_reward_adds_the_weighted_overlong_penalty():
   assert not np.any(plain["overlong_penalty"])
   with pytest.raises(FieldError, match="cache_length"):
     OverlongPenalty(True, cache_length=32, max_length=16)
+
+
+def test_the_training_reward_adds_the_weighted_length_term_when_length_shaping_is_on():
+  """R = (1 − w_fmt − w_len)·a + w_fmt·f + s + w_len·R_len (REFERENCE §3), R_len the trapezoid of
+  each row's task thresholds; with shaping off the length term is 0 and the accuracy weight
+  1 − w_fmt."""
+  from configs import test as test_config
+  c = test_config.get_config()
+  c.rl.length.update(enabled=True, adaptive=False, weight=0.2)
+  length = LengthShaping.from_config(c.rl.length, 16)
+  scores = {"accuracy": np.array([1.0, 1.0, 0.0, 1.0], np.float32),
+            "format": np.array([1.0, 0.0, 1.0, 1.0], np.float32),
+            "structure": np.full(4, 0.5, np.float32)}
+  lengths, tasks = np.array([1, 6, 9, 16]), np.array([0, 1, 2, 3], np.int32)
+  thresholds = np.asarray(length.static)
+  got = TrainingReward(length)(scores, lengths, tasks, thresholds)
+  r_len = np.asarray(shaping.length_reward(lengths, tasks, thresholds))
+  assert np.ptp(r_len) > 0  # the rows' lengths sit on different parts of their trapezoids
+  np.testing.assert_allclose(got["length_reward"], r_len, rtol=1e-6)
+  want = 0.7 * scores["accuracy"] + 0.1 * scores["format"] + 0.5 + 0.2 * r_len
+  np.testing.assert_allclose(got["reward"], want, rtol=1e-6)
+  c.rl.length.enabled = False
+  off = TrainingReward(LengthShaping.from_config(c.rl.length, 16))(scores, lengths, tasks,
+                                                                    thresholds)
+  np.testing.assert_allclose(off["reward"], 0.9 * scores["accuracy"] + 0.1 * scores["format"]
+                             + 0.5, rtol=1e-6)
+  assert not np.any(off["length_reward"])

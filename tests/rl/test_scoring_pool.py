@@ -159,8 +159,15 @@ def test_an_unknown_problem_type_is_a_caller_bug(monkeypatch):
     scoring.score_rows(texts, batch, index)
 
 
-def test_the_pool_is_sized_to_the_host():
+def test_the_pool_is_sized_to_the_host(monkeypatch):
   assert 1 <= scoring.workers() <= min(os.cpu_count(), scoring.MAX_WORKERS)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+  assert scoring.workers() == min(3, scoring.MAX_WORKERS)
+  monkeypatch.delattr(os, "sched_getaffinity")  # not Linux: all the host's CPUs, or one
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  assert scoring.workers() == min(2, scoring.MAX_WORKERS)
+  monkeypatch.setattr(os, "cpu_count", lambda: None)
+  assert scoring.workers() == 1
 
 
 def test_workers_start_from_a_fork_server():

@@ -114,8 +114,22 @@ def test_thresholds_start_from_the_prior():
   np.testing.assert_array_equal(cfg.thresholds(cfg.init()), shaping.static_thresholds())
   with pytest.raises(ValueError, match=r"^ramp: expected 0 < ramp < 1, got 1\.0$"):
     dataclasses.replace(cfg, ramp=1.0)
-  with pytest.raises(ValueError, match="prior"):
+  with pytest.raises(ValueError, match=r"^prior: expected 3 rows of \(L_min, L_low, L_high, "
+                                       r"L_max\), got "):
     dataclasses.replace(cfg, num_tasks=3)
+
+
+@pytest.mark.parametrize("q", [0.1, 0.35, 0.5, 0.95])
+def test_quantile_inverts_the_histograms_piecewise_linear_cdf(q):
+  """The q-quantile of each row: the CDF linear inside each bin, bins even in log1p(length)."""
+  cfg = shaping.AdaptiveLengthConfig(num_tasks=2, max_length=100, num_bins=4,
+                                     prior=((1, 2, 3, 4),) * 2)
+  hist = np.array([[2.0, 2.0, 4.0, 1.0], [1.0, 5.0, 1.0, 3.0]], np.float32)
+  got = np.asarray(cfg._quantile(jnp.asarray(hist), q))
+  for row, value in zip(hist, got):
+    cdf = np.r_[0.0, np.cumsum(row)]
+    u = np.interp(q * cdf[-1], cdf, np.arange(5) / 4)
+    np.testing.assert_allclose(value, np.expm1(u * np.log1p(100)), rtol=1e-5)
 
 
 def test_stats_round_trip_through_orbax(tmp_path):
@@ -156,8 +170,11 @@ def test_entropy_penalty_matches_numpy_and_skips_absent_tasks():
   cfg = shaping.EntropyShapingConfig(h_min=(0.2, 0.5, 0.1, 0.3), h_max=(0.6, 0.7, 0.4, 0.3),
                                      num_tasks=4)
   ent, mask, tasks = entropy_batch(0)
+  one = np.flatnonzero(tasks == 2)  # task 2: a single response token
+  mask[one], mask[one[0], 0] = False, True
   penalty, h, present = shaping.entropy_penalty(ent, mask, tasks, *cfg.bounds())
   want, want_h = ref_penalty(ent, mask, tasks, *cfg.bounds())
+  assert want_h[2] == pytest.approx(ent[one[0], 0])
   np.testing.assert_allclose(penalty, want, rtol=1e-6)
   assert list(np.flatnonzero(present)) == sorted(want_h)
   np.testing.assert_allclose(np.asarray(h)[sorted(want_h)], [want_h[t] for t in sorted(want_h)],
@@ -241,8 +258,10 @@ def test_entropy_config_errors():
   with pytest.raises(ValueError,
                      match=r"^estimator: expected one of \('sampled_token', 'exact'\), got 'mc'$"):
     shaping.EntropyShapingConfig(estimator="mc")
-  with pytest.raises(ValueError, match="h_min"):
+  with pytest.raises(ValueError, match="^h_min: expected "):
     shaping.EntropyShapingConfig(h_min=(0.1, 0.2))
+  with pytest.raises(ValueError, match="^h_max: expected "):
+    shaping.EntropyShapingConfig(h_max=(0.1, 0.2))
   with pytest.raises(ValueError, match="h_min.spatial_grounding"):
     shaping.EntropyShapingConfig(h_min=0.7, h_max=0.6)
 

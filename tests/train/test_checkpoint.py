@@ -259,3 +259,13 @@ def test_a_run_config_read_back_from_json_gives_the_same_sharder(tmp_path):
   got = context.make_sharder(context.load_run_config(str(tmp_path)))
   assert got.rules == context.make_sharder(c).rules and hash(got.rules)
   assert ("batch", ("data", "fsdp")) in got.rules and ("act_image", None) in got.rules
+
+
+def test_a_resumed_stages_progress_bar_starts_at_the_restored_step(capsys):
+  from openvlthinker.train import loop
+  bar = loop.progress(10, 4, "rl", enabled=True)
+  bar.update()
+  assert bar.n == 5 and bar.total == 10
+  bar.close()
+  assert "rl" in capsys.readouterr().err
+  assert isinstance(loop.progress(10, 4, "rl", enabled=False), loop._NoBar)

@@ -152,6 +152,11 @@ def test_the_mask_is_what_the_test_checks(vlm):
   assert np.abs(bad - logp[0])[pk.response_mask[0]].max() > 1e-2
 
 
+def test_rows_are_filled_first_fit_by_decreasing_size():
+  # Decreasing: 4+2 | 3+2+1, two rows; by increasing size 1+2+2 | 3 | 4 would take three.
+  assert packing._rows_first_fit([4, 3, 2, 2, 1], 6) == [[0, 2], [1, 3, 4]]
+
+
 def test_attention_mask_by_hand():
   """A row [p0 p1 p2 | b0 r0 | b1 r1' r2'] (prompt of 3, responses of 2 and 3 tokens, Lb = 3)."""
   layout = PackedLayout(

@@ -98,7 +98,8 @@ def prompt_batch(k, long):
           "num_dropped": np.int32(k)}
 
 
-def run_collect(script, longs, *, max_tries, filter_groups=True, low=0.01, high=0.99):
+def run_collect(script, longs, *, max_tries, filter_groups=True, low=0.01, high=0.99,
+                use_images=True):
   batches = [prompt_batch(k, long) for k, long in enumerate(longs, start=1)]
   g = len(script[0][0])
   sampler = ScriptedSampler(script)
@@ -109,7 +110,7 @@ def run_collect(script, longs, *, max_tries, filter_groups=True, low=0.01, high=
       sampler, "params", iter(batches), DigitTokenizer(), rng, prompts=P, group_size=g,
       filter_groups=filter_groups, low=low, high=high, max_tries=max_tries,
       reward_fn=lambda s, l, t: reward(s, l, t, thresholds),
-      task_key_fn=lambda problem_types, task_ids: 10 * task_ids)
+      task_key_fn=lambda problem_types, task_ids: 10 * task_ids, use_images=use_images)
   return out, sampler, batches, rng
 
 
@@ -207,6 +208,12 @@ def test_filter_off_keeps_the_first_batch_whole():
                                          filter_groups=False)
   assert len(sampler.calls) == 1 and out.batch.valid.all()
   check_rows(out.batch, expected_rows(batches, [(1, 0), (1, 1), (1, 2)], width=16), width=16)
+
+
+def test_a_model_without_vision_gets_no_images():
+  out, sampler, _, _ = run_collect([[MIXED, MIXED, MIXED]], longs=(False,), max_tries=1,
+                                   use_images=False)
+  assert sampler.calls[0]["images"] is None and out.batch.images is None
 
 
 def test_filter_bounds_are_strict():

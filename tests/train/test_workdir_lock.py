@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,8 @@ def test_lock_of_a_live_process_refuses(tmp_path):
     write_lock(str(tmp_path), host=socket.gethostname(), pid=sleeper.pid)
     with pytest.raises(RunError, match=f"in use by pid {sleeper.pid} on this host"):
       WorkdirLock(str(tmp_path), enabled=True).acquire()
+    time.sleep(0.2)
+    assert sleeper.poll() is None, "checking the owner is alive must not signal it"
   finally:
     sleeper.kill()
     sleeper.wait()
