@@ -226,5 +226,6 @@ def test_loss_value_divides_by_any_positive_token_count():
 def test_clip_bounds_may_be_zero():
   """clip_high = 0 (no upward ratio change on positive advantages) is a valid setting."""
   assert losses.PolicyLossConfig(clip_high=0.0).clip_high == 0.0
+  assert losses.PolicyLossConfig(clip_low=0.0).clip_low == 0.0  # no downward clip
   with pytest.raises(ValueError, match="clip_high"):
     losses.PolicyLossConfig(clip_high=-0.1)

@@ -115,6 +115,9 @@ def test_multiple_choice_normalisation(pred, want):
 def test_option_text_must_match_exactly_one_option_and_letters_win():
   assert rewards.option_letter("cat", ("A. cat", "B. cat")) is None
   assert rewards.option_letter("b", ("A. b", "B. a")) == "B"
+  # "Apple" is not spelled "A. text": it names no letter (its "ple" is no option's text).
+  assert rewards.option_letter("ple", ("Apple", "B. pear")) is None
+  assert rewards.option_letter("pear", ("Apple", "B. pear")) == "B"
 
 
 @pytest.mark.parametrize("pred, truth, acc", [

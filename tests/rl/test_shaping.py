@@ -112,6 +112,7 @@ def test_adaptive_thresholds_are_ordered(lengths, seed):
 def test_thresholds_start_from_the_prior():
   cfg = shaping.AdaptiveLengthConfig()
   np.testing.assert_array_equal(cfg.thresholds(cfg.init()), shaping.static_thresholds())
+  assert dataclasses.replace(cfg, plateau=(0.0, 1.0)).plateau == (0.0, 1.0)  # the whole range
   with pytest.raises(ValueError, match=r"^ramp: expected 0 < ramp < 1, got 1\.0$"):
     dataclasses.replace(cfg, ramp=1.0)
   with pytest.raises(ValueError, match=r"^prior: expected 3 rows of \(L_min, L_low, L_high, "

@@ -158,6 +158,7 @@ def test_eval_mode_scores_an_older_step_and_model_init_weights(all_run, tmp_path
     run(make_config(checkpoint=f"sft:{step}"), workdir, "eval")
     weights = read_json(workdir / "eval" / f"sft_{step}.json")["weights"]
     assert weights["step"] == step, weights
+    assert weights["path"] == str(workdir / "sft" / "checkpoints" / str(step)), weights
     norms[step] = weights["param_norm"]
   assert norms[1] != norms[SFT_STEPS]  # step 1's own parameters, not the newest
   # A fresh workdir whose model.init is this run's SFT stage: its newest weights, as they are.
