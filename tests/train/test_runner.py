@@ -24,6 +24,8 @@ import time
 import numpy as np
 import pytest
 
+from openvlthinker.metrics import read_jsonl
+
 pytestmark = pytest.mark.stage
 SFT_STEPS, RL_STEPS = 2, 2
 
@@ -45,11 +47,6 @@ def run(config, workdir, mode):
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     runner.run(config, str(workdir), mode)
   return out.getvalue(), err.getvalue()
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 def read_json(path):
