@@ -33,12 +33,44 @@ def test_kill_rate_counts_the_mutants_that_ran():
            "openvlthinker.train.b.x_g__mutmut_1", "openvlthinker.train.b.x_g__mutmut_2",
            "openvlthinker.sampler.x_h__mutmut_1"]
   status = dict(zip(names, ["killed", "survived", "timeout", "no tests", "skipped"]))
-  out = mutate.summary(names, status)
+  out = mutate.summary(names, status, equivalent={names[1]})
   assert out["all"]["ran"] == 4 and out["all"]["killed"] == 2  # a timeout is a kill
   assert out["all"]["kill_rate"] == 0.5  # "no tests" counts against, "skipped" not at all
-  assert out["openvlthinker/rl"]["kill_rate"] == 0.5
+  assert out["all"]["equivalent"] == 1 and out["all"]["score"] == 2 / 3  # killed / non-equivalent
+  assert out["all"]["score_interval_95"] == list(mutate.wilson(2, 3))
+  assert out["openvlthinker/rl"]["kill_rate"] == 0.5 and out["openvlthinker/rl"]["score"] == 1.0
+  assert out["openvlthinker/train"]["score"] == 0.5
   assert out["openvlthinker/sampler.py"]["ran"] == 0
   assert out["openvlthinker/sampler.py"]["kill_rate"] is None
+  assert out["openvlthinker/sampler.py"]["score"] is None
+
+
+def test_the_equivalent_list_is_read_block_by_block(tmp_path):
+  path = tmp_path / "eq.txt"
+  path.write_text("# a comment\n\nopenvlthinker.rl.a.x_f__mutmut_1\n+    x = 1  \nwhy, line one\n"
+                  "line two\n\nopenvlthinker.rl.a.x_f__mutmut_2\n+    y = None\nwhy\n")
+  assert mutate.read_equivalents(str(path)) == {"openvlthinker.rl.a.x_f__mutmut_1": "+    x = 1",
+                                                "openvlthinker.rl.a.x_f__mutmut_2": "+    y = None"}
+  for bad in ("openvlthinker.rl.a.x_f__mutmut_1\n+    x = 1\n",  # no reason
+              "openvlthinker.rl.a.x_f__mutmut_1\n    x = 1\nwhy\n"):  # no changed line
+    path.write_text(bad)
+    with pytest.raises(ValueError, match="openvlthinker.rl.a.x_f__mutmut_1: expected one block"):
+      mutate.read_equivalents(str(path))
+
+
+def test_the_projects_equivalent_list_reads_and_names_mutants():
+  listed = mutate.read_equivalents()
+  assert len(listed) >= 20
+  for name, changed in listed.items():
+    assert name.startswith("openvlthinker.") and "__mutmut_" in name, name
+    assert mutate.area(name) in ("openvlthinker/rl", "openvlthinker/train",
+                                 "openvlthinker/sampler.py"), name
+
+
+def test_changed_lines_are_the_diffs_additions():
+  diff = ("# name: survived\n--- a.py\n+++ a.py\n@@ -1,3 +1,3 @@\n def f():\n-    x = 1\n"
+          "+    x = 2   \n")
+  assert mutate.changed_lines(diff) == ["+    x = 2"]
 
 
 def test_patterns_select_mutants():

@@ -11,8 +11,13 @@ generate them and record which tests reach which function (a run that matches no
 then runs the sample. (Never run `mutmut print-time-estimates` alone: it drops that mapping, as
 mutmut 3.8 knows the functions' hashes only in a run that generated the mutants.)
 
-Writes mutants/survivors.txt (each surviving mutant's name and diff) and mutants/kill_rate.json;
-prints the summary. Rerunning continues: mutmut keeps each mutant's result.
+Survivors examined by hand and found equivalent (the program computes the same either way) are
+listed with their changed line and a reason in tools/equivalent_mutants.txt; they leave the
+mutation score's denominator (killed / (run - equivalent), the usual definition), and the raw kill
+rate is reported beside it. A listed mutant whose diff no longer matches counts as a survivor.
+
+Writes mutants/survivors.txt (each surviving mutant's name and diff, equivalents marked) and
+mutants/kill_rate.json; prints the summary. Rerunning continues: mutmut keeps each mutant's result.
 """
 from __future__ import annotations
 
@@ -34,6 +39,28 @@ MATCHES_NOTHING = "openvlthinker.__no_mutant__*"
 # counts: a timeout or a crash of the tests is the mutant detected.
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
 NOT_RUN = {"skipped", "not checked", "check was interrupted by user"}
+EQUIVALENT_LIST = os.path.join(ROOT, "tools", "equivalent_mutants.txt")
+
+
+def read_equivalents(path: str = EQUIVALENT_LIST) -> dict[str, str]:
+  """{mutant name: its changed line} of the mutants examined and found equivalent (the file's
+  format is in its header)."""
+  with open(path) as f:
+    text = "\n".join(line.rstrip() for line in f if not line.startswith("#"))
+  out = {}
+  for block in text.strip().split("\n\n"):
+    name, changed, *why = block.strip().splitlines()
+    if not changed.startswith("+") or not why or name in out:
+      raise ValueError(f"{path}: {name}: expected one block of the name, the changed line "
+                       f"(+...) and why it is equivalent")
+    out[name] = changed
+  return out
+
+
+def changed_lines(diff: str) -> list[str]:
+  """The lines a mutant's diff adds ("+..."), without the file header."""
+  return [line.rstrip() for line in diff.splitlines()
+          if line.startswith("+") and not line.startswith("+++")]
 
 
 def _exit_codes() -> dict[str, int | None]:
@@ -77,8 +104,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summary(names: list[str], status: dict[str, str]) -> dict:
-  """Kill rate over the mutants in `names` that ran, overall and per area, with intervals."""
+def summary(names: list[str], status: dict[str, str], equivalent: set[str]) -> dict:
+  """Kill rate over the mutants in `names` that ran, and the mutation score over those that are
+  not `equivalent`, overall and per area, with 95 % intervals."""
   groups = collections.defaultdict(list)
   for name in names:
     groups["all"].append(name)
@@ -88,21 +116,35 @@ def summary(names: list[str], status: dict[str, str]) -> dict:
     counts = collections.Counter(status.get(n, "not checked") for n in members)
     ran = sum(v for k, v in counts.items() if k not in NOT_RUN)
     killed = sum(v for k, v in counts.items() if k in KILLED)
-    low, high = wilson(killed, ran)
-    out[group] = {"mutants": len(members), "ran": ran, "killed": killed,
-                  "kill_rate": killed / ran if ran else None, "interval_95": [low, high],
+    same = sum(n in equivalent for n in members)
+    out[group] = {"mutants": len(members), "ran": ran, "killed": killed, "equivalent": same,
+                  "kill_rate": killed / ran if ran else None,
+                  "interval_95": list(wilson(killed, ran)),
+                  "score": killed / (ran - same) if ran > same else None,
+                  "score_interval_95": list(wilson(killed, ran - same)),
                   "statuses": dict(sorted(counts.items()))}
   return out
 
 
-def write_survivors(names: list[str], status: dict[str, str], path: str) -> list[str]:
-  """Each mutant that ran and was not killed, with its diff (`mutmut show`); returns them."""
+def write_survivors(names: list[str], status: dict[str, str], path: str,
+                    equivalents: dict[str, str]) -> tuple[list[str], set[str]]:
+  """Each mutant that ran and was not killed, with its diff (`mutmut show`), marked when
+  `equivalents` lists it with this diff; returns (survivors, the equivalent ones)."""
   survivors = [n for n in names if status.get(n, "not checked") not in KILLED | NOT_RUN]
+  equivalent = set()
   with open(path, "w") as f:
     for name in survivors:
-      diff = subprocess.run(MUTMUT + ["show", name], cwd=ROOT, capture_output=True, text=True)
-      f.write(f"{diff.stdout.rstrip()}\n\n")
-  return survivors
+      diff = subprocess.run(MUTMUT + ["show", name], cwd=ROOT, capture_output=True,
+                            text=True).stdout.rstrip()
+      if name in equivalents:
+        if equivalents[name] in changed_lines(diff):
+          equivalent.add(name)
+          diff += f"\n(equivalent: {os.path.relpath(EQUIVALENT_LIST, ROOT)} says why)"
+        else:
+          diff += (f"\n(listed as equivalent with another change, {equivalents[name]!r}: the "
+                   "function changed since; examine it again)")
+      f.write(f"{diff}\n\n")
+  return survivors, equivalent
 
 
 def main(argv: list[str]) -> int:
@@ -132,19 +174,23 @@ def main(argv: list[str]) -> int:
 
   status = statuses()
   names = chosen if args.sample else sorted(n for n in status if matches(n, args.patterns))
-  result = summary(names, status)
+  survivors, equivalent = write_survivors(names, status,
+                                          os.path.join(ROOT, "mutants", "survivors.txt"),
+                                          read_equivalents())
+  result = summary(names, status, equivalent)
   result["sample"] = {"size": args.sample, "seed": args.seed, "of": len(status)} if args.sample \
       else None
-  survivors = write_survivors(names, status, os.path.join(ROOT, "mutants", "survivors.txt"))
   with open(os.path.join(ROOT, "mutants", "kill_rate.json"), "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps(result, indent=1))
   whole = result["all"]
   if whole["ran"]:
-    low, high = whole["interval_95"]
-    print(f"killed {whole['killed']} of {whole['ran']} mutants run ({100 * whole['kill_rate']:.1f} %,"
-          f" 95 % interval {100 * low:.1f}-{100 * high:.1f} %); {len(survivors)} survivors in "
-          "mutants/survivors.txt")
+    pct = lambda x: f"{100 * x:.1f}"
+    print(f"killed {whole['killed']} of {whole['ran']} mutants run ({pct(whole['kill_rate'])} %, "
+          f"95 % interval {'-'.join(map(pct, whole['interval_95']))} %); {len(equivalent)} of the "
+          f"{len(survivors)} survivors are listed equivalent: mutation score "
+          f"{pct(whole['score'] or 0)} % ({'-'.join(map(pct, whole['score_interval_95']))} %); "
+          "survivors in mutants/survivors.txt")
   return 0
 
 

@@ -257,7 +257,10 @@ def test_one_decorated_function_adds_an_estimator(monkeypatch):
 
 
 def test_bad_shapes_name_the_argument():
-  with pytest.raises(ValueError, match="group_ids"):
+  with pytest.raises(ValueError,
+                     match=r"^rewards: expected a 1-D array \[B\], got shape \(4, 1\)$"):
+    adv.g2rpo_advantages(jnp.zeros((4, 1)), jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"^group_ids: expected shape \(4,\) like the rewards"):
     adv.g2rpo_advantages(jnp.zeros(4), jnp.zeros(3, jnp.int32), jnp.zeros(4, jnp.int32))
   with pytest.raises(ValueError, match="values"):
     adv.gaussian_quantile_map(jnp.zeros((2, 2)), jnp.zeros(4, jnp.int32))

@@ -94,6 +94,26 @@ def test_sympy_fallback_runs_under_the_deadline():
   assert math_equiv.check(pred, truth, timeout_s=5.0)[1] != "timeout"
 
 
+def test_equivalent_passes_its_deadline_to_the_sympy_fallback():
+  # Too large for the numeric check at every point: only sympy can say these are one value.
+  # (The deadline case first: sympy caches what it has simplified once.)
+  pred, truth = "\\exp(10^{5} x)", "\\exp(100000 x)"
+  assert not math_equiv.equivalent(pred, truth, timeout_s=1e-9)
+  assert math_equiv.equivalent(pred, truth, timeout_s=5.0)
+
+
+@pytest.mark.parametrize("text", ["(1]", "[1)", "{1)", "(1}", "[1}", "{1]"])
+def test_a_bracket_closes_only_its_own_kind(text):
+  assert math_equiv.check(text, "1") == (False, "unparsable")
+  assert math_equiv.check(text.replace(text[-1], {"(": ")", "[": "]", "{": "}"}[text[0]]),
+                          "1") == (True, "")
+
+
+def test_an_exact_power_past_the_bound_is_refused_by_name():
+  with pytest.raises(math_parse.Unparsable, match="^power too large$"):
+    math_equiv.exact(math_parse.parse("2^{100000}")[0])
+
+
 def test_numeric_agreement_decides_without_sympy():
   # Identity testing at fixed points: equal to 1e-9 relative counts as equal, less does not.
   assert math_equiv.equivalent("28.274333882308138", "9\\pi")

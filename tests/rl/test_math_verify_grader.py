@@ -35,6 +35,7 @@ def test_reads_what_math_equiv_cannot(pred, truth):
   assert not math_equiv.equivalent(pred, truth, AMPLE_S)
   assert mvg.check_math_verify(pred, truth, AMPLE_S) == (True, "")
   assert mvg.check(pred, truth, AMPLE_S) == (True, "")
+  assert mvg.equivalent(pred, truth, AMPLE_S)
 
 
 @pytest.mark.parametrize("pred, truth", [
@@ -44,6 +45,7 @@ def test_reads_what_math_equiv_cannot(pred, truth):
 ])
 def test_tells_apart(pred, truth):
   assert not mvg.check(pred, truth)[0]
+  assert not mvg.equivalent(pred, truth)
 
 
 @pytest.mark.parametrize("pred, truth, reason", [

@@ -37,8 +37,10 @@ def test_length_reward_uses_each_rows_task():
 
 def test_static_thresholds_are_checked():
   bad = dict(shaping.DEFAULT_LENGTH_THRESHOLDS, ocr=(30.0, 30.0, 50.0, 75.0))
-  with pytest.raises(ValueError, match="ocr"):
+  with pytest.raises(ValueError) as e:
     shaping.static_thresholds(bad)
+  assert str(e.value) == ("thresholds.ocr: expected (L_min, L_low, L_high, L_max) with "
+                          "0 <= L_min < L_low <= L_high < L_max, got (30.0, 30.0, 50.0, 75.0)")
   with pytest.raises(ValueError, match="^thresholds: expected one entry per task"):
     shaping.static_thresholds({"ocr": (1, 2, 3, 4)})
 
@@ -107,6 +109,19 @@ def test_adaptive_thresholds_are_ordered(lengths, seed):
   l_min, l_low, l_high, l_max = np.asarray(
       _two_updates_then_thresholds(np.array(lengths), correct))[0]
   assert 0 <= l_min < l_low <= l_high < l_max
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_length=0), "max_length: expected a positive integer, got 0"),
+    (dict(num_bins=0), "num_bins: expected a positive integer, got 0"),
+    (dict(decay=0.0), "decay: expected 0 < decay <= 1, got 0.0"),
+    (dict(plateau=(0.5, 0.4)), "plateau: expected quantiles 0 <= lo <= hi <= 1, got (0.5, 0.4)"),
+    (dict(min_count=-1), "min_count: expected a number >= 0, got -1"),
+])
+def test_a_bad_length_setting_is_named_with_what_was_expected(change, message):
+  with pytest.raises(ValueError) as e:
+    dataclasses.replace(shaping.AdaptiveLengthConfig(), **change)
+  assert str(e.value) == message
 
 
 def test_thresholds_start_from_the_prior():

@@ -68,6 +68,9 @@ def test_non_finite_step_leaves_params_and_optimizer_state_untouched(bad):
   assert bits(state.params) == bits(before.params)
   assert bits(state.opt_state) == bits(before.opt_state)
   assert int(state.step) == 2 and int(state.skipped) == 1
+  # The same dtypes in and out: a state that changed dtype would recompile the next step.
+  assert [x.dtype for x in jax.tree.leaves(state)] == [x.dtype
+                                                       for x in jax.tree.leaves(fresh_state(tx))]
   assert metrics["skipped_step"] == 1.0 and not np.isfinite(metrics["grad_norm"])
   # The next finite step continues as if the skipped one never happened.
   state, metrics = step(state, grads_at(2))
@@ -107,6 +110,7 @@ def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=0.0), "learning_rate: expected a finite number > 0, got 0.0"),
     (dict(learning_rate=float("nan")), "learning_rate: expected a finite number > 0, got nan"),
+    (dict(learning_rate=1e-3, b1=-0.1), "b1: expected a number in [0, 1), got -0.1"),
     (dict(learning_rate=1e-3, b2=1.0), "b2: expected a number in [0, 1), got 1.0"),
     (dict(learning_rate=1e-3, weight_decay=-0.1), "weight_decay: expected a finite number >= 0"),
     (dict(learning_rate=1e-3, grad_clip=-1.0),
@@ -129,7 +133,13 @@ def test_a_fresh_state_lives_on_the_mesh_extra_statistics_included():
   model = nnx.Dict(w=nnx.Param(jnp.ones((8, 4)), logical_axes=("embed", None)))
   params = nnx.state(model, nnx.Param)
   extra = {"length_hist": np.zeros((6, 4), np.float32)}
-  state, _ = create_train_state(params, make_optimizer(1e-3), sharder, extra=extra)
+  state, shardings = create_train_state(params, make_optimizer(1e-3), sharder, extra=extra)
   for leaf in (state.step, state.skipped, state.extra["length_hist"]):
     assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  # The shardings the trainer pins and restores checkpoints with: one NamedSharding on the mesh
+  # per leaf, the state's own.
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
+  for leaf, pinned in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    assert isinstance(pinned, jax.sharding.NamedSharding) and pinned.mesh == sharder.mesh
+    assert leaf.sharding.is_equivalent_to(pinned, leaf.ndim)
   assert not jax.tree.leaves(state.params)[0].sharding.is_fully_replicated

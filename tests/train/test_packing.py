@@ -140,6 +140,46 @@ def test_packed_logprobs_equal_the_padded_forward(vlm, padded_logprobs, row_toke
   assert (logp[~pk.response_mask] == 0).all() and (logp[pk.response_mask] < 0).all()
 
 
+def test_two_processes_blocks_index_the_global_minibatch(vlm):
+  """Each process packs its half of a minibatch (sizes agreed: the larger of the two) and
+  `for_process` shifts its indices past the earlier process's block: in the blocks joined along
+  axis 1, as `put` joins them on the mesh, every table row's response tokens are the targets of
+  its source columns, and the image those columns' prompt shows is the row's own."""
+  _, _, _, batch, image_token_id = vlm
+  cfg = packing.PackingConfig(enabled=True, row_tokens=64, rows_per_micro=4)
+  half = P // 2 * G
+  parts = [batch.rows(slice(0, half)), batch.rows(slice(half, 2 * half))]
+  sizes = []
+  for part in parts:
+    packing.pack(part, cfg, group_size=G, image_token_id=image_token_id,
+                 agree=lambda s: sizes.append(s) or s)
+  agreed = tuple(np.max(sizes, 0))
+  blocks = [packing.for_process(packing.pack(part, cfg, group_size=G,
+                                             image_token_id=image_token_id,
+                                             agree=lambda s: agreed)[0], i, half)
+            for i, part in enumerate(parts)]
+  join = lambda *xs: np.concatenate(xs, axis=1)
+  tokens, targets, rows, source, images = (
+      join(*(np.asarray(getattr(b, k)) for b in blocks))
+      for k in ("tokens", "targets", "rows", "source", "images"))
+  segment, image_set = (join(*(np.asarray(getattr(b.layout, k)) for b in blocks))
+                        for k in ("segment", "image_set"))
+  assert rows.dtype == np.int32
+  np.testing.assert_array_equal(np.sort(rows[rows >= 0]), np.arange(2 * half)[batch.valid])
+  m_count, r_count, t = tokens.shape
+  for m, s in zip(*np.nonzero(rows >= 0)):
+    row = rows[m, s]
+    mask = batch.response_mask[row]
+    cols = source[m, s][mask]
+    np.testing.assert_array_equal(targets[m].reshape(-1)[cols], batch.tokens[row][mask])
+    packed_row = cols // t
+    assert (packed_row == packed_row[0]).all()
+    seg = segment[m].reshape(-1)[cols[0]]
+    image_cols = (segment[m, packed_row[0]] == seg) & (tokens[m, packed_row[0]] == image_token_id)
+    (q,) = set(image_set[m, packed_row[0]][image_cols])
+    np.testing.assert_array_equal(images[m, q], batch.images[row])
+
+
 def test_the_mask_is_what_the_test_checks(vlm):
   """Teeth: a packed row whose responses may see each other (one slot for all) changes the
   log-probs the equality test compares."""

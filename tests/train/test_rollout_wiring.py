@@ -353,3 +353,21 @@ def test_rl_stage_advantages_with_fewer_rows_than_task_ids():
   want = ref_g2rpo(b.reward.astype(np.float64), np.arange(G) // G, np.zeros(G, np.int32), b.valid)
   assert np.abs(want).max() > 0.5
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rollout_counts_are_summed_over_processes_and_timings_are_not(monkeypatch):
+  """`_global_stats` on process 0 of two (the other's counts arrive through `multihost.concat`):
+  every count of the step is the two processes' sum, its own timing stays."""
+  from openvlthinker import multihost
+  from openvlthinker.train import rl_stage
+  mine = {"groups_sampled": 6, "groups_kept": 4, "groups_invalid": 1, "records_dropped": 0,
+          "generated_tokens": 120, "sampling_s": 1.5}
+  other = {"groups_sampled": 5, "groups_kept": 2, "groups_invalid": 0, "records_dropped": 3,
+           "generated_tokens": 80, "sampling_s": 9.0}
+  monkeypatch.setattr(multihost, "count", lambda: 2)
+  monkeypatch.setattr(multihost, "concat", lambda local: np.concatenate(
+      [local, np.asarray([[other[k] for k in rl_stage._SUMMED_STATS]], np.float64)]))
+  got = rl_stage._global_stats(mine)
+  assert got == {"groups_sampled": 11, "groups_kept": 6, "groups_invalid": 1,
+                 "records_dropped": 3, "generated_tokens": 200, "sampling_s": 1.5}
+  assert all(type(got[k]) is int for k in rl_stage._SUMMED_STATS)

@@ -158,6 +158,11 @@ def test_eval_mode_scores_an_older_step_and_model_init_weights(all_run, tmp_path
     assert weights["path"] == str(workdir / "sft" / "checkpoints" / str(step)), weights
     norms[step] = weights["param_norm"]
   assert norms[1] != norms[SFT_STEPS]  # step 1's own parameters, not the newest
+  with pytest.raises(ValueError) as e:  # a step that was never saved is named, with the saved ones
+    run(make_config(checkpoint="sft:7"), workdir, "eval")
+  saved = list(range(1, SFT_STEPS + 1))
+  assert str(e.value) == (f"eval.checkpoint: expected one of the saved sft steps {saved}, "
+                          "got 'sft:7'")
   # A fresh workdir whose model.init is this run's SFT stage: its newest weights, as they are.
   init = make_config()
   init.model.init = str(workdir / "sft" / "checkpoints")
@@ -180,6 +185,18 @@ def test_rerunning_a_finished_run_trains_nothing_and_reports_the_same(all_run):
     assert read_jsonl(workdir / "metrics.jsonl") == before, mode  # nothing redone
     assert f"rl: starting from sft step {SFT_STEPS}" in again and table in again, mode
   assert table in out
+
+
+def test_a_one_step_sft_trains_its_step(all_run, tmp_path):
+  config = make_config()
+  config.sft.steps = 1
+  run(config, tmp_path, "sft")
+  (row,) = read_jsonl(tmp_path / "metrics.jsonl")
+  assert (row["stage"], row["step"]) == ("sft", 1)
+  # The same first step as the two-step run's: the same data, initial weights and learning rate.
+  first = [r for r in read_jsonl(all_run[0] / "metrics.jsonl") if r["stage"] == "sft"][0]
+  assert row["loss"] == pytest.approx(first["loss"], rel=1e-6)
+  assert (tmp_path / "sft" / "checkpoints" / "1").is_dir()
 
 
 def test_forward_mode_runs_the_model_once(tmp_path):

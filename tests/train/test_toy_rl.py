@@ -207,6 +207,19 @@ def test_rl_steps_solve_the_toy_task(toy, name):
   assert np.mean(sampled_reward[-3:]) > np.mean(sampled_reward[:3]) + 0.1, sampled_reward
 
 
+def test_reference_logprobs_of_the_starting_policy_are_the_samplers(toy):
+  """The KL term's reference log-probs (padded rows): for the parameters that sampled the rollout,
+  the sampler's own log-probs of its tokens, under the same sampling rules (banned tokens)."""
+  stage, params, minibatches, _ = toy
+  minibatches.clear()
+  stage.step(stage.initial_state(params), prompt_batches(seed=2), 0, params)
+  mb = minibatches[0]  # the first update's rows: sampled by `params`, not yet updated
+  ref = np.asarray(stage.reference_logprobs(params, stage.place(mb)))
+  m = mb.response_mask
+  assert m.any() and np.isfinite(ref[m]).all()
+  np.testing.assert_allclose(ref[m], mb.old_logprobs[m], atol=2e-5)
+
+
 def test_packed_rl_steps_solve_the_toy_task():
   """The trainer's step with `rl.packing` on (images in every prompt): each minibatch is packed
   (every rollout row with tokens in one table row exactly once) and G²RPO still solves the task,

@@ -3,6 +3,7 @@ when it is gone, never silently shared with another host."""
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +24,9 @@ def test_held_in_the_block_and_released_after(tmp_path):
     with open(tmp_path / ".lock") as f:
       owner = json.load(f)
     assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / ".lock").st_mode) == 0o644 & ~umask  # data, not a program
     code = ("from openvlthinker.train.workdir_lock import WorkdirLock as L; "
             f"L({str(tmp_path)!r}, enabled=True).acquire()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -68,3 +72,14 @@ def test_a_lock_that_keeps_changing_hands_is_an_error_not_a_hang(tmp_path, monke
                      r"changing hands\)$"):
     WorkdirLock(str(tmp_path), enabled=True).acquire()
   assert len(reads) == 100
+
+
+@pytest.mark.parametrize("owner", [dict(pid=1, host=socket.gethostname()),  # taken over here
+                                   dict(pid=os.getpid(), host="elsewhere")])  # same pid elsewhere
+def test_release_leaves_a_lock_someone_else_took_over(tmp_path, owner):
+  lock = WorkdirLock(str(tmp_path), enabled=True)
+  lock.acquire()
+  write_lock(str(tmp_path), **owner)  # while this run was presumed dead
+  lock.release()
+  with open(tmp_path / ".lock") as f:
+    assert json.load(f)["pid"] == owner["pid"]

@@ -1,0 +1,20 @@
+"""The run context's data configs: the training stream reads the configured source, evaluation
+always the built-in suite (evaluation sets bring their own problems), with the model's image size
+and image-token count."""
+from configs import test as test_config
+from openvlthinker import configuration
+from openvlthinker.train.context import build_context
+
+
+def test_a_json_run_trains_on_its_file_and_evaluates_on_the_suite(tmp_path):
+  c = test_config.get_config()
+  c.data.source, c.data.path = "json", str(tmp_path / "train.jsonl")
+  (tmp_path / "train.jsonl").write_text("")  # read only when the stream starts
+  ctx = build_context(configuration.validate(c), str(tmp_path))
+  train, evaluation = ctx.data_config(4), ctx.data_config(4, "eval")
+  assert (train.source, train.path, train.split) == ("json", c.data.path, "train")
+  assert (evaluation.source, evaluation.path, evaluation.split) == ("suite", "", "eval")
+  size = c.model.vision.image_size
+  for d in (train, evaluation):
+    assert d.batch_size == 4 and d.image_size == size
+    assert d.num_image_tokens == ctx.model.tokens_per_image(size, size) > 0
