@@ -63,6 +63,7 @@ def test_the_projects_equivalent_list_reads_and_names_mutants():
   assert len(listed) >= 20
   for name, changed in listed.items():
     assert name.startswith("openvlthinker.") and "__mutmut_" in name, name
+    assert changed.startswith("+") and changed[1:].strip(), name
     assert mutate.area(name) in ("openvlthinker/rl", "openvlthinker/train",
                                  "openvlthinker/sampler.py"), name
 
