@@ -1,7 +1,9 @@
 """The entry point validates the config before compiling and reports bad fields in one line."""
+import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -15,6 +17,38 @@ def run_main(*overrides, workdir="/tmp/ovt-test-main"):
                         capture_output=True, text=True, timeout=300)
 
 
+# The entry point run on many command lines in one process: absl's app.run with the entry point's
+# own flag parser, as `python -m openvlthinker.main` runs it, each with the flags parsed afresh.
+# The config errors stop before anything is built, so one interpreter start serves them all.
+_MANY = r"""
+import contextlib, io, json, sys, types
+from absl import app, flags
+from openvlthinker import main as entry
+results = []
+for argv in json.loads(sys.argv[1]):
+  sys.argv = ["openvlthinker.main", *argv]  # config_flags reads its overrides from sys.argv
+  flags.FLAGS.unparse_flags()
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    try:
+      app.run(entry.main, argv=sys.argv, flags_parser=entry._parse_flags)
+      code = 0
+    except SystemExit as e:
+      code = e.code
+  results.append({"returncode": code, "stderr": err.getvalue(), "stdout": ""})
+print(json.dumps(results))
+"""
+
+
+def run_main_many(argvs: list[list[str]]) -> list[types.SimpleNamespace]:
+  """(returncode, stdout, stderr) of the entry point on each command line, in one process."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _MANY, json.dumps(argvs)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [types.SimpleNamespace(**r) for r in json.loads(proc.stdout.splitlines()[-1])]
+
+
 def one_error_line(proc) -> str:
   """The run failed with exactly one `error:` line and no traceback; returns that line."""
   assert proc.returncode != 0, proc.stdout[-2000:]
@@ -24,7 +58,7 @@ def one_error_line(proc) -> str:
   return errors[0]
 
 
-@pytest.mark.parametrize("override, field", [
+BAD_CONFIGS = [
     ("--config.model.num_layerz=3", "num_layerz"),
     ("--config.model.num_kv_heads=3", "model.num_kv_heads"),
     ("--config.rl.loss.clip_low=1.5", "rl.loss.clip_low"),
@@ -48,9 +82,28 @@ def one_error_line(proc) -> str:
     # Paths the run reads, checked before a model is built.
     ("--config.tokenizer.path=/nonexistent/sp.model", "tokenizer.path"),
     ("--config.data.image_root=/nonexistent", "data.image_root"),
-])
-def test_bad_config_stops_with_one_line_naming_the_field(override, field):
-  assert field in one_error_line(run_main(override))
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs():
+  argvs = [["--config=configs/test.py", "--workdir=/tmp/ovt-test-main", override]
+           for override, _ in BAD_CONFIGS]
+  return dict(zip((o for o, _ in BAD_CONFIGS), run_main_many(argvs)))
+
+
+@pytest.mark.parametrize("override, field", BAD_CONFIGS)
+def test_bad_config_stops_with_one_line_naming_the_field(bad_config_runs, override, field):
+  assert field in one_error_line(bad_config_runs[override])
+
+
+def test_the_one_process_harness_is_the_command_line():
+  """The batched runs above print what `python -m openvlthinker.main` prints for the same line."""
+  override = BAD_CONFIGS[0][0]
+  (batched,) = run_main_many([["--config=configs/test.py", "--workdir=/tmp/ovt-test-main",
+                               override]])
+  alone = run_main(override)
+  assert (batched.returncode, batched.stderr) == (alone.returncode, alone.stderr)
 
 
 def _no_training_ran(workdir):

@@ -175,9 +175,11 @@ def parse_box(text: str, strict: bool = True) -> list[float] | None:
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
-  """Intersection over union of two [x1, y1, x2, y2] boxes; 0 when either is empty."""
-  if a[2] <= a[0] or a[3] <= a[1] or b[2] <= b[0] or b[3] <= b[1]:
-    return 0.0
+  """Intersection over union of two [x1, y1, x2, y2] boxes; 0 when either is empty.
+
+  An empty box (x2 <= x1 or y2 <= y1) intersects nothing (w or h <= 0), so its IoU is 0 whatever
+  sign its "area" has; two empty boxes have no union either.
+  """
   w = min(a[2], b[2]) - max(a[0], b[0])
   h = min(a[3], b[3]) - max(a[1], b[1])
   inter = max(0.0, w) * max(0.0, h)

@@ -55,12 +55,11 @@ def leaf_name(path) -> str:
 
 def _describe(leaf) -> tuple[str, tuple[int, ...]]:
   dtype = getattr(leaf, "dtype", None)
-  shape = getattr(leaf, "shape", None)
   try:
     dtype = np.dtype(dtype).name if dtype is not None else type(leaf).__name__
   except TypeError:  # Not a numpy dtype (a PRNG key's).
     dtype = str(dtype)
-  return dtype, tuple(shape) if shape is not None else np.shape(leaf)
+  return dtype, tuple(np.shape(leaf))  # np.shape reads a `.shape` first (arrays, metadata)
 
 
 def _leaves(tree) -> dict[str, tuple[str, tuple[int, ...]]]:

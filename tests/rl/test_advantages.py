@@ -262,6 +262,9 @@ def test_bad_shapes_name_the_argument():
     adv.g2rpo_advantages(jnp.zeros((4, 1)), jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32))
   with pytest.raises(ValueError, match=r"^group_ids: expected shape \(4,\) like the rewards"):
     adv.g2rpo_advantages(jnp.zeros(4), jnp.zeros(3, jnp.int32), jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match=r"^task_ids: expected shape \(4,\) like the rewards/values, "
+                                       r"got \(5,\)$"):
+    adv.g2rpo_advantages(jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.zeros(5, jnp.int32))
   with pytest.raises(ValueError, match="values"):
     adv.gaussian_quantile_map(jnp.zeros((2, 2)), jnp.zeros(4, jnp.int32))
 

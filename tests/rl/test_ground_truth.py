@@ -63,6 +63,8 @@ def test_an_empty_answer_never_scores_and_counts_as_unparsable(problem_type, emp
     ("nan", "regression", (), r"finite number"),
     ("1e999", "numerical", (), r"finite number"),
     ('{"boxes": [10, 10, 0, 0]}', "spatial grounding", (), r"x2 > x1 and y2 > y1"),
+    ('{"boxes": [10, 0, 0, 10]}', "spatial grounding", (), r"x2 > x1 and y2 > y1"),
+    ('{"boxes": [0, 10, 10, 0]}', "spatial grounding", (), r"x2 > x1 and y2 > y1"),
     ('{"boxes": [0, 0, NaN, 1]}', "spatial grounding", (), r"expected a box"),
     ('{"boxes": [0, 0, 1]}', "spatial grounding", (), r"expected a box"),
     ("w " * 5000, "ocr", (), r"at most 4096 words, got 5000"),

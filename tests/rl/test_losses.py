@@ -239,6 +239,10 @@ def test_loss_value_divides_by_any_positive_token_count():
   assert float(losses.loss_value(jnp.float32(2.0), jnp.float32(0.0))) == 0.0
 
 
+def test_dual_clip_needs_only_to_exceed_the_upper_ratio_bound():
+  assert losses.PolicyLossConfig(clip_high=0.3, dual_clip=1.5).dual_clip == 1.5  # > 1.3
+
+
 def test_clip_bounds_may_be_zero():
   """clip_high = 0 (no upward ratio change on positive advantages) is a valid setting."""
   assert losses.PolicyLossConfig(clip_high=0.0).clip_high == 0.0

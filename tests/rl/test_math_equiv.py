@@ -19,6 +19,8 @@ from openvlthinker.rl import math_equiv, math_parse
     ("90^\\circ", "90"), ("15\\text{ cm}", "15"), ("\\sqrt[3]{8}", "2"), ("2^{-1}", "0.5"),
     ("sin(x)^2+cos(x)^2", "1"), ("e^{0}", "1"),
     ("x^2y", "y x x"), ("2\\pi r", "2 r pi"), ("−3", "-3"), ("1e3", "1000"),
+    ("1/2 + 1/3", "5/6"), ("7 - 1/2", "13/2"),  # exact rational arithmetic
+    ("x^{2} = \\boxed{7}", "7"),  # the box's braces, not an earlier pair
 ])
 def test_equivalent(pred, truth):
   assert math_equiv.equivalent(pred, truth)
@@ -207,3 +209,6 @@ def test_sympy_is_spared_big_literals_and_towers():
   assert not math_equiv._sympy_safe(_ast("1000000 x"))
   assert not math_equiv._sympy_safe(_ast("x / 1000000"))
   assert not math_equiv._sympy_safe(_ast("(x^{1000})^{1000}"))
+  bound = math_equiv.MAX_EXPONENT
+  assert math_equiv._sympy_safe(_ast(f"x^{{{bound}}}"))  # the bound itself is allowed
+  assert not math_equiv._sympy_safe(_ast(f"x^{{{bound + 1}}}"))

@@ -109,8 +109,13 @@ def test_the_training_reward_adds_the_weighted_overlong_penalty():
   np.testing.assert_allclose(shaped["reward"], plain["reward"] + shaped["overlong_penalty"],
                              atol=1e-6)
   assert not np.any(plain["overlong_penalty"])
-  with pytest.raises(FieldError, match="cache_length"):
+  for out in (plain, shaped):  # float32[B] each, as the docstring says, shaping on or off
+    assert {k: (v.dtype, v.shape) for k, v in out.items()} == {
+        k: (np.dtype(np.float32), (4,)) for k in out}, out
+  with pytest.raises(FieldError) as e:
     OverlongPenalty(True, cache_length=32, max_length=16)
+  assert str(e.value) == ("cache_length: expected an integer in [1, rl.sampler.max_new_tokens=16], "
+                          "got 32")
 
 
 def test_the_training_reward_adds_the_weighted_length_term_when_length_shaping_is_on():
@@ -138,3 +143,33 @@ def test_the_training_reward_adds_the_weighted_length_term_when_length_shaping_i
   np.testing.assert_allclose(off["reward"], 0.9 * scores["accuracy"] + 0.1 * scores["format"]
                              + 0.5, rtol=1e-6)
   assert not np.any(off["length_reward"])
+
+
+def test_adaptive_length_statistics_count_each_tasks_fully_correct_valid_responses():
+  """`TrainingReward.update_stats` adds exactly the valid rows of accuracy 1 (not 0.99) to their
+  task's length histogram; with adaptive length shaping off the statistics stay as they were."""
+  from configs import test as test_config
+  c = test_config.get_config()
+  c.rl.length.update(enabled=True, adaptive=True, weight=0.2)
+  reward = TrainingReward(LengthShaping.from_config(c.rl.length, 16))
+  stats = reward.init_stats()
+  accuracy = np.array([1.0, 0.99, 1.0, 1.0, 1.0, 0.0], np.float32)
+  valid = np.array([True, True, True, False, True, True])
+  tasks = np.array([0, 0, 3, 3, 3, 1], np.int32)
+  lengths = np.array([4, 5, 6, 7, 15, 2])
+  hist = np.asarray(reward.update_stats(stats, lengths, tasks, accuracy, valid)
+                    ["length_stats"].hist)
+  np.testing.assert_allclose(hist.sum(1), [1, 0, 0, 2, 0, 0])  # rows 0; 2 and 4
+  c.rl.length.adaptive = False
+  still = TrainingReward(LengthShaping.from_config(c.rl.length, 16))
+  assert still.update_stats(stats, lengths, tasks, accuracy, valid) is stats
+
+
+def test_a_length_weight_that_leaves_no_accuracy_weight_is_named():
+  from configs import test as test_config
+  from openvlthinker.rl import rewards
+  c = test_config.get_config()
+  c.rl.length.weight = 1.0
+  with pytest.raises(ValueError) as e:
+    LengthShaping.from_config(c.rl.length, 16)
+  assert str(e.value) == f"weight: expected a number in [0, {1 - rewards.W_FMT:g}), got 1.0"

@@ -172,6 +172,8 @@ def test_ocr_is_case_insensitive_and_keeps_slashes():
     ('{"boxes": [[0, 0, 10, 5]]}', 0.5),
     ('{"boxes": [10, 10, 20, 20]}', 0.0),
     ('{"boxes": [10, 10, 0, 0]}', 0.0),
+    ('{"boxes": [10, 0, 0, 10]}', 0.0),  # empty in x only: an "area" of -100
+    ('{"boxes": [0, 10, 10, 5]}', 0.0),  # empty in y only
     ('{"boxes": [0, 0, 1e999, 10]}', 0.0),
     ('{"boxes": [true, 0, 10, 10]}', 0.0),
     ('{"boxes": [0, 0, 10, Infinity]}', 0.0),
@@ -179,6 +181,13 @@ def test_ocr_is_case_insensitive_and_keeps_slashes():
 def test_grounding_iou(pred, want):
   got = rewards.score(wrap(pred), '{"boxes": [0, 0, 10, 10]}', "spatial grounding")
   assert got["accuracy"] == pytest.approx(want)
+
+
+def test_iou_of_empty_boxes_is_zero():
+  assert rewards.iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0  # no union
+  assert rewards.iou([5, 5, 5, 5], [0, 0, 10, 10]) == 0.0
+  assert rewards.iou([0, 0, -10, 10], [0, 0, 10, 10]) == 0.0  # "areas" -100 and 100: union 0
+  assert rewards.iou([0, 0, 10, 10], [2, 2, 4, 6]) == pytest.approx(8 / 100)
 
 
 def test_math_uses_symbolic_equivalence():
@@ -205,3 +214,27 @@ def test_score_batch_arrays():
   assert out["unparsable"].tolist() == [0, 1, 1, 0]
   with pytest.raises(ValueError, match="responses"):
     rewards.score_batch(["x"], examples)
+
+
+def test_a_registered_reward_and_truth_reader_are_what_scoring_calls(monkeypatch):
+  """`@register_reward` for a problem type without one (the built-in one removed here): `score`
+  reads the truth with the registered reader and grades with the registered function; a second
+  registration of the type is refused."""
+  monkeypatch.delitem(rewards.REWARDS, "numerical")
+  monkeypatch.delitem(rewards.TRUTH_READERS, "numerical")
+  calls = []
+
+  def read_even(truth, options):
+    calls.append(("truth", truth, options))
+    return int(truth) % 2
+
+  @rewards.register_reward("Numerical", read_even)
+  def same_parity(pred, want, fields):
+    calls.append(("grade", pred, want))
+    return float(int(pred) % 2 == want), ""
+
+  out = rewards.score("<thinking>t</thinking><answer>7</answer>", "<answer>3</answer>", "numerical")
+  assert out["accuracy"] == 1.0 and calls == [("truth", "3", ()), ("grade", "7", 1)]
+  assert rewards.read_truth("<answer>4</answer>", "numerical") == 0
+  with pytest.raises(ValueError, match="^problem_type: 'numerical' already has a reward$"):
+    rewards.register_reward("numerical", read_even)(same_parity)

@@ -59,6 +59,14 @@ def die_on_marker(texts, examples):
   return rewards.score_batch(texts, examples)
 
 
+def die_on_marker_in_a_worker(texts, examples):
+  """die_on_marker in a scoring worker (which ignores SIGINT), fail_on_marker in the caller."""
+  import signal
+  if any(MARKER in t for t in texts) and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    os._exit(3)
+  return fail_on_marker(texts, examples)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _shut_down_at_the_end():
   yield
@@ -119,13 +127,40 @@ def test_ctrl_c_reaches_the_trainer_not_the_workers():
                rewards.score_batch(texts, _examples(batch, index)))
 
 
-@pytest.mark.slow  # three pool starts: the first, and one after each death of the worker
+# Three pool starts (the first, and one after each death of the worker): ~10 s, but it is the
+# only test of how a lost slice is retried alone, so mutation testing (-m "not slow") runs it.
 def test_a_worker_that_dies_costs_its_row_only(fresh_pool, monkeypatch):
   monkeypatch.setattr(scoring, "POOL_MIN_ROWS", 8)
   texts, batch, index = _batch()
   texts, index = texts[:8], index[:8]
   texts[5] = MARKER
   got = scoring.score_examples(texts, _examples(batch, index), die_on_marker)
+  want = rewards.score_batch(texts, _examples(batch, index))
+  assert got["unparsable"][5] == 1 and got["overall"][5] == 0.0
+  keep = np.arange(len(texts)) != 5
+  _assert_same({k: v[keep] for k, v in got.items()}, {k: v[keep] for k, v in want.items()})
+
+
+def test_when_no_new_pool_starts_after_a_death_the_caller_scores_the_rest(fresh_pool,
+                                                                          monkeypatch):
+  """A worker dies on a row, and no new pool can start: the slices lost with the pool are scored
+  in the caller (the same arrays as serial scoring), the row that killed the worker fails there
+  too and is the only unparsable one."""
+  monkeypatch.setattr(scoring, "POOL_MIN_ROWS", 8)
+  real, starts = scoring.multiprocessing.get_context, []
+
+  def the_first_start_only(method):
+    starts.append(method)
+    if len(starts) > 1:
+      raise OSError("no processes here")
+    return real(method)
+
+  monkeypatch.setattr(scoring.multiprocessing, "get_context", the_first_start_only)
+  texts, batch, index = _batch()
+  texts, index = texts[:8], index[:8]
+  texts[5] = MARKER
+  got = scoring.score_examples(texts, _examples(batch, index), die_on_marker_in_a_worker)
+  assert len(starts) == 2 and scoring._state["failed"]
   want = rewards.score_batch(texts, _examples(batch, index))
   assert got["unparsable"][5] == 1 and got["overall"][5] == 0.0
   keep = np.arange(len(texts)) != 5

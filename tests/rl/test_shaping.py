@@ -278,6 +278,9 @@ def test_entropy_config_errors():
     shaping.EntropyShapingConfig(h_min=(0.1, 0.2))
   with pytest.raises(ValueError, match="^h_max: expected "):
     shaping.EntropyShapingConfig(h_max=(0.1, 0.2))
+  with pytest.raises(ValueError) as e:  # a mapping must name every task
+    shaping.EntropyShapingConfig(h_min={"ocr": 0.1})
+  assert str(e.value) == f"h_min: expected one entry per task {TASK_TYPES}, got {{'ocr': 0.1}}"
   with pytest.raises(ValueError, match="h_min.spatial_grounding"):
     shaping.EntropyShapingConfig(h_min=0.7, h_max=0.6)
 

@@ -253,6 +253,9 @@ def test_sharded_on_8_devices_equals_one_device(cfg, state, sampled):
   t = cfg.text
   local = {f"f32[4,1,{t.head_dim},{LR - 1}]", f"f32[4,1,{LR - 1},{t.head_dim}]"}
   assert any(re.search(r"\) while\(", l) and all(x in l for x in local) for l in hlo.split("\n"))
+  # ... and each device's rows of the tokens and log-probs it writes (16 / 4 rows).
+  rows = {f"s32[4,{LR}]", f"f32[4,{LR}]"}
+  assert any(re.search(r"\) while\(", l) and all(x in l for x in rows) for l in hlo.split("\n"))
   out = sampler(sharded, tokens, mask, images, jax.random.key(4), group_size=2)
   assert out.tokens.sharding.spec[0] == ("data", "fsdp")
   assert len(out.tokens.sharding.device_set) == 8
@@ -415,3 +418,37 @@ def test_a_bad_sampler_setting_is_named(kwargs, message):
   with pytest.raises(ValueError) as e:
     SamplerConfig(max_new_tokens=2, **kwargs)
   assert str(e.value) == message
+
+
+def test_bad_response_caps_are_named_with_their_first_values(model, state, cfg):
+  sampler = Sampler(model, SamplerConfig(max_new_tokens=2, prompt_buckets=(32,)))
+  tokens, mask, images = make_prompts(cfg, 2, seed=11)
+  caps = np.arange(10, dtype=np.int32)  # 10 rows for 2 prompts × 2: a 0 among them, too
+  with pytest.raises(ValueError) as e:
+    sampler(state, tokens, mask, images, jax.random.key(0), group_size=2, max_lengths=caps)
+  assert str(e.value) == ("max_lengths: expected integers >= 1 of shape (2,) (per prompt) or (4,) "
+                          "(per row), got int32[10] [0, 1, 2, 3, 4, 5, 6, 7]")
+
+
+def test_prompts_are_padded_with_the_configured_pad_token(model, state, cfg):
+  """The prompt side of the sampled sequences: pad_id where the mask is off (right-aligned)."""
+  sampler = Sampler(model, SamplerConfig(max_new_tokens=2, prompt_buckets=(32,), pad_id=3))
+  tokens, mask, images = make_prompts(cfg, 2, seed=11)
+  out = sampler(state, tokens, mask, images, jax.random.key(0))
+  lb = out.sequence_tokens.shape[1] - 2
+  prompt, prompt_mask = np.asarray(out.sequence_tokens[:, :lb]), np.asarray(out.sequence_mask[:, :lb])
+  assert (~prompt_mask).any() and (prompt[~prompt_mask] == 3).all()
+
+
+def test_the_row_invariant_cpu_build_is_chosen_by_the_meshs_platform():
+  """XLA:CPU's row-invariant options for a CPU mesh (or none on a CPU host), the plain build for
+  an accelerator mesh, whatever the host's default backend is."""
+  import types
+  from openvlthinker.sampler import RowJit
+  jitted = RowJit(lambda x, **_: x)
+  mesh_on = lambda platform: types.SimpleNamespace(mesh=types.SimpleNamespace(
+      devices=np.array([types.SimpleNamespace(platform=platform)], dtype=object)))
+  assert jitted.on(mesh_on("tpu")) is jitted.default
+  assert jitted.on(mesh_on("cpu")) is jitted.cpu
+  assert jitted.on(Sharder(None)) is (jitted.cpu if jax.default_backend() == "cpu"
+                                      else jitted.default)

@@ -94,6 +94,7 @@ def test_inverse_cdf_frequencies_match_probabilities():
     (dict(top_k=-1), "top_k: expected an integer >= 0 (0 = off), got -1"),
     (dict(decode_phases=0), "decode_phases: expected a positive integer, got 0"),
     (dict(max_new_tokens=0), "max_new_tokens: expected a positive integer, got 0"),
+    (dict(compact=1), "compact: expected True or False, got 1"),
 ])
 def test_config_errors_name_the_field_and_what_was_expected(kw, message):
   with pytest.raises(ValueError) as e:

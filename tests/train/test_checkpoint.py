@@ -269,3 +269,70 @@ def test_a_resumed_stages_progress_bar_starts_at_the_restored_step(capsys):
   bar.close()
   assert "rl" in capsys.readouterr().err
   assert isinstance(loop.progress(10, 4, "rl", enabled=False), loop._NoBar)
+
+
+def test_signals_become_a_flag_and_a_second_ctrl_c_interrupts(capsys):
+  """SIGTERM and the first SIGINT only set the flag the loop checks after each step (the first
+  Ctrl-C says so on stderr); the second Ctrl-C raises at once; `restore` puts the handlers back."""
+  import signal
+  from openvlthinker.train.loop import Preemption
+  before = {s: signal.getsignal(s) for s in Preemption.SIGNALS}
+  preemption = Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested == "SIGTERM" and capsys.readouterr().err == ""
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested == "SIGINT"
+    assert capsys.readouterr().err == ("SIGINT: saving a checkpoint after this step (Ctrl-C again "
+                                       "to stop now)\n")
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    preemption.restore()
+  assert {s: signal.getsignal(s) for s in Preemption.SIGNALS} == before
+
+
+def test_a_signal_mid_stage_saves_stops_and_the_same_command_resumes(tmp_path):
+  """`run_stage` in this process: SIGTERM during step 2 of 5 finishes the step, saves it (with the
+  data iterator's position and the stage's meta), writes its metrics and raises `Preempted`
+  naming the signal and the step; the rerun restores all three and runs steps 3 to 5 only."""
+  import signal
+  from openvlthinker.metrics import MetricsWriter, read_jsonl
+  from openvlthinker.train import loop
+
+  class Data:  # the position of a data iterator, checkpointed with the state
+    def __init__(self):
+      self.pos = 0
+
+    def get_state(self):
+      return {"pos": self.pos}
+
+    def set_state(self, state):
+      self.pos = state["pos"]
+
+  def run(data, meta, signal_at=None):
+    def step_fn(state, step):
+      data.pos += 1
+      if step == signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return {"w": state["w"] + 1.0}, {"loss": float(step)}
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    try:
+      return loop.run_stage(
+          "toy", 5, {"w": jnp.zeros(3)}, step_fn, data,
+          loop.StageCheckpoints(str(tmp_path), "toy", keep=None), writer, checkpoint_every=100,
+          progress_bar=False, save_meta=lambda: {"seen": data.pos * 10},
+          load_meta=lambda m: meta.update(m))
+    finally:
+      writer.close()
+
+  with pytest.raises(loop.Preempted) as e:
+    run(Data(), {}, signal_at=1)
+  assert str(e.value) == "SIGTERM: saved the toy checkpoint at step 2"
+  assert sorted(os.listdir(tmp_path / "toy" / "checkpoints")) == ["2"]
+  data, meta = Data(), {}
+  state = run(data, meta)
+  np.testing.assert_array_equal(state["w"], np.full(3, 5.0))  # 2 restored + 3 more steps
+  assert data.pos == 5 and meta["seen"] == 20 and meta["data_iterator"] == {"pos": 2}
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r["loss"]) for r in rows] == [(s + 1, float(s)) for s in range(5)]

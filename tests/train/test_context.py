@@ -18,3 +18,21 @@ def test_a_json_run_trains_on_its_file_and_evaluates_on_the_suite(tmp_path):
   for d in (train, evaluation):
     assert d.batch_size == 4 and d.image_size == size
     assert d.num_image_tokens == ctx.model.tokens_per_image(size, size) > 0
+
+
+def test_a_global_batch_the_shards_cannot_split_evenly_is_named(tmp_path):
+  import dataclasses
+
+  import pytest
+
+  from openvlthinker.data.shards import ShardLayout
+  ctx = build_context(configuration.validate(test_config.get_config()), str(tmp_path))
+  ctx = dataclasses.replace(ctx, data_shards=ShardLayout(count=3, first=0, owned=1))
+  for iterator, field, size in ((ctx.sft_batches, "data.batch_size", ctx.config.data.batch_size),
+                                (ctx.rl_batches, "rl.prompts_per_step",
+                                 ctx.config.rl.prompts_per_step)):
+    assert size % 3
+    with pytest.raises(ValueError) as e:
+      iterator()
+    assert str(e.value) == (f"{field}: expected a multiple of data.shards=3 (each shard gives an "
+                            f"equal part of the global batch), got {size}")

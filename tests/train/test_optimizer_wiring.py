@@ -23,7 +23,7 @@ def grads_at(t):
           "b": jnp.asarray(rng.standard_normal(4) * (1 + t), jnp.float32)}
 
 
-def numpy_adamw(params, grad_seq, lr_at, weight_decay, grad_clip):
+def numpy_adamw(params, grad_seq, lr_at, weight_decay, grad_clip, b1=B1, b2=B2):
   """Parameters after each step: clip by global norm, Adam with bias correction, decoupled decay
   on matrices only, all scaled by the step's learning rate."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
@@ -37,9 +37,9 @@ def numpy_adamw(params, grad_seq, lr_at, weight_decay, grad_clip):
       g = {k: x * grad_clip / norm for k, x in g.items()}
     lr = lr_at(count)
     for k in p:
-      m[k] = B1 * m[k] + (1 - B1) * g[k]
-      v[k] = B2 * v[k] + (1 - B2) * g[k] ** 2
-      mhat, vhat = m[k] / (1 - B1 ** (count + 1)), v[k] / (1 - B2 ** (count + 1))
+      m[k] = b1 * m[k] + (1 - b1) * g[k]
+      v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+      mhat, vhat = m[k] / (1 - b1 ** (count + 1)), v[k] / (1 - b2 ** (count + 1))
       decay = weight_decay * p[k] if p[k].ndim >= 2 else 0.0
       p[k] = p[k] - lr * (mhat / (np.sqrt(vhat) + EPS) + decay)
     out.append({k: x.copy() for k, x in p.items()})
@@ -105,6 +105,19 @@ def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
   # The test has teeth: without warmup the first update alone moves every parameter.
   no_warmup = numpy_adamw(params0(), grad_seq[:1], lambda c: lr, weight_decay, grad_clip)[0]
   assert np.abs(no_warmup["b"] - np.asarray(params0()["b"])).min() > 0.5 * lr
+
+
+def test_the_optimizer_uses_its_betas():
+  b1, b2, lr = 0.5, 0.9, 0.05
+  tx = make_optimizer(lr, b1=b1, b2=b2, weight_decay=0.1, grad_clip=0.0)
+  step = jax.jit(lambda s, g: apply_gradients(s, g, tx))
+  grad_seq = [grads_at(t) for t in range(3)]
+  want = numpy_adamw(params0(), grad_seq, lambda c: lr, 0.1, 0.0, b1=b1, b2=b2)[-1]
+  state = fresh_state(tx)
+  for g in grad_seq:
+    state, _ = step(state, g)
+  for name in want:
+    np.testing.assert_allclose(state.params[name], want[name], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -165,6 +165,10 @@ def test_two_processes_blocks_index_the_global_minibatch(vlm):
   segment, image_set = (join(*(np.asarray(getattr(b.layout, k)) for b in blocks))
                         for k in ("segment", "image_set"))
   assert rows.dtype == np.int32
+  padding = segment < 0  # columns no segment uses: no input, no token, nothing to predict
+  input_mask = join(*(np.asarray(b.input_mask) for b in blocks))
+  assert padding.any() and not input_mask[padding].any() and input_mask[~padding].all()
+  assert not tokens[padding].any() and not targets[padding].any()
   np.testing.assert_array_equal(np.sort(rows[rows >= 0]), np.arange(2 * half)[batch.valid])
   m_count, r_count, t = tokens.shape
   for m, s in zip(*np.nonzero(rows >= 0)):
@@ -299,3 +303,13 @@ def test_qwen3_vl_packs_like_its_padded_forward(tmp_path):
                                    cfg.image_token_id)
   np.testing.assert_allclose(unpack(pk, logp), want_logp, atol=2e-5)
   np.testing.assert_allclose(unpack(pk, ent), want_ent, atol=2e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(row_tokens=0), "row_tokens: expected a positive integer, got 0"),
+    (dict(rows_per_micro=0), "rows_per_micro: expected a positive integer, got 0"),
+])
+def test_a_bad_packing_setting_is_named(change, message):
+  with pytest.raises(ValueError) as e:
+    packing.PackingConfig(**change)
+  assert str(e.value) == message

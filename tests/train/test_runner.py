@@ -143,6 +143,12 @@ def test_eval_mode_scores_the_checkpoints_the_run_evaluated(all_run):
       np.testing.assert_allclose(scored["results"][metric], values, rtol=1e-6, equal_nan=True,
                                  err_msg=f"{spec or 'rl'} {metric}")
     assert f"wrote {workdir / 'eval' / point}.json" in eval_out
+    # It prints the scores' table (a blank line after it) before the evaluation's summary.
+    from openvlthinker import eval as eval_lib
+    label = f"{scored['weights']['stage']}@{scored['weights']['step']}"
+    table = eval_lib.format_table(
+        {label: {k: np.asarray(v, np.float64) for k, v in scored["results"].items()}}, "overall")
+    assert f"{table}\n\n" in eval_out, eval_out[:2000]
     if spec == "sft":  # the norm the RL stage printed when it started from these weights
       assert f"parameter norm {scored['weights']['param_norm']:.6f}" in \
           out.split("rl: starting from", 1)[1].split("\n", 1)[0]
@@ -158,6 +164,10 @@ def test_eval_mode_scores_an_older_step_and_model_init_weights(all_run, tmp_path
     assert weights["path"] == str(workdir / "sft" / "checkpoints" / str(step)), weights
     norms[step] = weights["param_norm"]
   assert norms[1] != norms[SFT_STEPS]  # step 1's own parameters, not the newest
+  with pytest.raises(ValueError) as e:  # a stage without checkpoints is named
+    run(make_config(checkpoint="rl"), tmp_path, "eval")
+  assert str(e.value) == (f"eval.checkpoint: expected a stage with checkpoints in {tmp_path}, "
+                          "got 'rl'")
   with pytest.raises(ValueError) as e:  # a step that was never saved is named, with the saved ones
     run(make_config(checkpoint="sft:7"), workdir, "eval")
   saved = list(range(1, SFT_STEPS + 1))
@@ -197,6 +207,18 @@ def test_a_one_step_sft_trains_its_step(all_run, tmp_path):
   first = [r for r in read_jsonl(all_run[0] / "metrics.jsonl") if r["stage"] == "sft"][0]
   assert row["loss"] == pytest.approx(first["loss"], rel=1e-6)
   assert (tmp_path / "sft" / "checkpoints" / "1").is_dir()
+
+
+def test_rl_of_zero_steps_reports_the_starting_weights_before_and_after(all_run, tmp_path):
+  config = make_config(every=100)
+  config.sft.steps, config.rl.steps = 1, 0
+  out, _ = run(config, tmp_path, "all")
+  summary = read_json(tmp_path / "eval_summary.json")
+  for metric, before in summary["before_rl"].items():
+    np.testing.assert_array_equal(summary["after_rl"][metric], before, err_msg=metric)
+  assert summary["mean_accuracy_change"] == 0 and "RL raised the held-out overall reward on 0 " in out
+  assert not (tmp_path / "rl" / "checkpoints").exists() or not any(
+      (tmp_path / "rl" / "checkpoints").iterdir())
 
 
 def test_forward_mode_runs_the_model_once(tmp_path):

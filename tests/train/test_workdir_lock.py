@@ -39,8 +39,11 @@ def test_lock_of_a_live_process_refuses(tmp_path):
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     write_lock(str(tmp_path), host=socket.gethostname(), pid=sleeper.pid)
-    with pytest.raises(RunError, match=f"in use by pid {sleeper.pid} on this host"):
+    with pytest.raises(RunError) as e:
       WorkdirLock(str(tmp_path), enabled=True).acquire()
+    assert str(e.value) == (
+        f"workdir {tmp_path} is in use by pid {sleeper.pid} on this host (since earlier); a "
+        "second run would interleave its metrics and overwrite its checkpoints: stop it first")
     time.sleep(0.2)
     assert sleeper.poll() is None, "checking the owner is alive must not signal it"
   finally:
