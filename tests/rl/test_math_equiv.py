@@ -209,6 +209,8 @@ def test_sympy_is_spared_big_literals_and_towers():
   assert not math_equiv._sympy_safe(_ast("1000000 x"))
   assert not math_equiv._sympy_safe(_ast("x / 1000000"))
   assert not math_equiv._sympy_safe(_ast("(x^{1000})^{1000}"))
+  assert math_equiv._sympy_safe(_ast("0.00001 x"))  # denominators below 10^6 only
+  assert not math_equiv._sympy_safe(_ast("0.000001 x"))
   bound = math_equiv.MAX_EXPONENT
   assert math_equiv._sympy_safe(_ast(f"x^{{{bound}}}"))  # the bound itself is allowed
   assert not math_equiv._sympy_safe(_ast(f"x^{{{bound + 1}}}"))

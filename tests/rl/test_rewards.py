@@ -183,6 +183,12 @@ def test_grounding_iou(pred, want):
   assert got["accuracy"] == pytest.approx(want)
 
 
+@pytest.mark.parametrize("text", ['{"boxes": [0, 0, Infinity, 10]}', '{"boxes": [0, NaN, 5, 10]}',
+                                  '{"boxes": [0, 0, 1e999, 10]}'])
+def test_a_box_with_a_non_finite_coordinate_is_no_box(text):
+  assert rewards.parse_box(text) is None
+
+
 def test_iou_of_empty_boxes_is_zero():
   assert rewards.iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0  # no union
   assert rewards.iou([5, 5, 5, 5], [0, 0, 10, 10]) == 0.0

@@ -107,6 +107,24 @@ def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
   assert np.abs(no_warmup["b"] - np.asarray(params0()["b"])).min() > 0.5 * lr
 
 
+def test_gradients_are_clipped_to_norm_1_by_default():
+  """The public code's default (grad_clip 1.0): a gradient of norm 10 moves Adam's first step as
+  the clipped gradient does."""
+  lr = 0.05
+  tx = make_optimizer(lr)
+  big = jax.tree.map(lambda g: g * 10.0, grads_at(0))
+  state, metrics = jax.jit(lambda s, g: apply_gradients(s, g, tx))(fresh_state(tx), big)
+  want = numpy_adamw(params0(), [big], lambda c: lr, 0.0, 1.0)[-1]
+  for name in want:
+    np.testing.assert_allclose(state.params[name], want[name], rtol=1e-5, atol=1e-6)
+  # Adam's first step is sign-like, so show the clip through the optimizer state: m = 0.1 · g/‖g‖.
+  norm = np.sqrt(sum(float((np.asarray(g) ** 2).sum()) for g in jax.tree.leaves(big)))
+  assert norm > 10 and metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+  mu = jax.tree.leaves(state.opt_state)
+  first = [x for x in mu if x.shape == (4,)][0]
+  np.testing.assert_allclose(first, 0.1 * np.asarray(big["b"]) / norm, rtol=1e-5)
+
+
 def test_the_optimizer_uses_its_betas():
   b1, b2, lr = 0.5, 0.9, 0.05
   tx = make_optimizer(lr, b1=b1, b2=b2, weight_decay=0.1, grad_clip=0.0)
