@@ -1,16 +1,28 @@
 """The run context's data configs: the training stream reads the configured source, evaluation
 always the built-in suite (evaluation sets bring their own problems), with the model's image size
-and image-token count."""
+and image-token count; a global batch the data shards cannot split evenly is named."""
+import dataclasses
+
+import pytest
+
 from configs import test as test_config
 from openvlthinker import configuration
+from openvlthinker.data.shards import ShardLayout
 from openvlthinker.train.context import build_context
 
 
-def test_a_json_run_trains_on_its_file_and_evaluates_on_the_suite(tmp_path):
+@pytest.fixture(scope="module")
+def json_run(tmp_path_factory):
+  """(config, context) of the test config reading a JSON file: one model build for the module."""
+  tmp = tmp_path_factory.mktemp("json_run")
   c = test_config.get_config()
-  c.data.source, c.data.path = "json", str(tmp_path / "train.jsonl")
-  (tmp_path / "train.jsonl").write_text("")  # read only when the stream starts
-  ctx = build_context(configuration.validate(c), str(tmp_path))
+  c.data.source, c.data.path = "json", str(tmp / "train.jsonl")
+  (tmp / "train.jsonl").write_text("")  # read only when the stream starts
+  return c, build_context(configuration.validate(c), str(tmp))
+
+
+def test_a_json_run_trains_on_its_file_and_evaluates_on_the_suite(json_run):
+  c, ctx = json_run
   train, evaluation = ctx.data_config(4), ctx.data_config(4, "eval")
   assert (train.source, train.path, train.split) == ("json", c.data.path, "train")
   assert (evaluation.source, evaluation.path, evaluation.split) == ("suite", "", "eval")
@@ -20,13 +32,8 @@ def test_a_json_run_trains_on_its_file_and_evaluates_on_the_suite(tmp_path):
     assert d.num_image_tokens == ctx.model.tokens_per_image(size, size) > 0
 
 
-def test_a_global_batch_the_shards_cannot_split_evenly_is_named(tmp_path):
-  import dataclasses
-
-  import pytest
-
-  from openvlthinker.data.shards import ShardLayout
-  ctx = build_context(configuration.validate(test_config.get_config()), str(tmp_path))
+def test_a_global_batch_the_shards_cannot_split_evenly_is_named(json_run):
+  _, ctx = json_run
   ctx = dataclasses.replace(ctx, data_shards=ShardLayout(count=3, first=0, owned=1))
   for iterator, field, size in ((ctx.sft_batches, "data.batch_size", ctx.config.data.batch_size),
                                 (ctx.rl_batches, "rl.prompts_per_step",

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 
+from openvlthinker import eval as eval_lib
 from openvlthinker.metrics import read_jsonl
 
 pytestmark = pytest.mark.stage
@@ -144,7 +145,6 @@ def test_eval_mode_scores_the_checkpoints_the_run_evaluated(all_run):
                                  err_msg=f"{spec or 'rl'} {metric}")
     assert f"wrote {workdir / 'eval' / point}.json" in eval_out
     # It prints the scores' table (a blank line after it) before the evaluation's summary.
-    from openvlthinker import eval as eval_lib
     label = f"{scored['weights']['stage']}@{scored['weights']['step']}"
     table = eval_lib.format_table(
         {label: {k: np.asarray(v, np.float64) for k, v in scored["results"].items()}}, "overall")
