@@ -83,6 +83,16 @@ def test_small_segments_and_all_equal_are_zero():
   np.testing.assert_array_equal(qmap(values, jnp.array([0, 1, 1, 1, 2, 2])), np.zeros(6))
 
 
+def test_an_empty_batch_has_empty_advantages():
+  """A batch of no rows: float32[0] from the map and from the estimators that apply it twice or
+  per reward part (not a scalar, nor an error)."""
+  empty, ids = np.zeros(0, np.float32), np.zeros(0, np.int32)
+  outs = [adv.gaussian_quantile_map(empty, ids), adv.g2rpo_advantages(empty, ids, ids),
+          adv.gs_gdpo_advantages(empty, ids, ids, parts=np.zeros((0, 2), np.float32),
+                                 lengths=ids)]
+  assert [(out.shape, out.dtype) for out in outs] == [((0,), jnp.float32)] * 3
+
+
 @SETTINGS
 @given(batches())
 def test_g2rpo_matches_numpy_loop(b):

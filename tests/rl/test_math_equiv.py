@@ -214,3 +214,23 @@ def test_sympy_is_spared_big_literals_and_towers():
   bound = math_equiv.MAX_EXPONENT
   assert math_equiv._sympy_safe(_ast(f"x^{{{bound}}}"))  # the bound itself is allowed
   assert not math_equiv._sympy_safe(_ast(f"x^{{{bound + 1}}}"))
+
+
+def test_the_relative_tolerance_is_of_the_larger_value_whichever_is_the_truth():
+  """Numeric agreement is to 1e-9 of the larger magnitude, so the verdict does not depend on
+  which answer is the truth: 10^10·π and (10^10 + 10 + 5·10^-9)·π differ by just under 1e-9 of
+  the larger (just over 1e-9 of the smaller) and are equal either way round; twice as far apart
+  they are different either way round."""
+  big, small = "10000000010.000000005\\pi", "10000000000\\pi"
+  assert math_equiv.check(big, small) == (True, "")
+  assert math_equiv.check(small, big) == (True, "")
+  further = "10000000010.00000002\\pi"
+  assert math_equiv.check(further, small) == (False, "")
+  assert math_equiv.check(small, further) == (False, "")
+
+
+def test_a_symbolic_exponent_that_overflows_everywhere_is_left_to_sympy():
+  """10^(10000x) overflows at every evaluation point, so sympy decides; an exponent with a
+  symbol counts as 1 towards the tower bound (it is not a literal power sympy would expand)."""
+  assert math_equiv._sympy_safe(_ast("10^{10000x}"))
+  assert math_equiv.check("10^{10000x}", "10^{5000x}\\cdot10^{5000x}", 5.0) == (True, "")

@@ -190,3 +190,12 @@ def test_warm_up_runs_once():
   start = time.perf_counter()
   mvg.warm_up()
   assert time.perf_counter() - start < 0.01
+
+
+def test_equivalent_grades_under_the_callers_deadline():
+  """`equivalent` is `check` under the caller's deadline, not the default one: a pair only
+  math-verify reads is refused at a deadline of 1e-9 s and accepted with time to spare."""
+  k = next(_FRESH)
+  pred, truth = f"({k}, {k + 1})", f"({k},{k + 1})"
+  assert not mvg.equivalent(pred, truth, timeout_s=1e-9)
+  assert mvg.equivalent(pred, truth, timeout_s=AMPLE_S)

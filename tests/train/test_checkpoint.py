@@ -5,6 +5,7 @@ import asyncio
 import gc
 import glob
 import os
+import re
 import sys
 import time
 
@@ -57,6 +58,10 @@ def test_damaged_newest_is_moved_aside_and_its_step_saved_again(tmp_path, capsys
   err = capsys.readouterr().err
   assert f"checkpoint {tmp_path}/2 is unreadable" in err
   assert f"moved it to {tmp_path}/2.damaged.1" in err and len(err.strip().splitlines()) == 1
+  # The one warning line, whole: what happened to the step and what the run does next.
+  step_dir = re.escape(f"{tmp_path}/2")
+  assert re.fullmatch(rf"warning: checkpoint {step_dir} is unreadable \(.+\); moved it to "
+                      rf"{step_dir}\.damaged\.1; trying an earlier step\n", err), err
   assert os.path.isdir(tmp_path / "2.damaged.1" / "state") and ckpt.steps() == [1]
   ckpt.save(2, _tree(3), {"k": 3})  # The run reaches step 2 again: no StepAlreadyExistsError.
   step, state, meta = Checkpointer(str(tmp_path)).restore_latest(_tree(0))
@@ -269,6 +274,37 @@ def test_a_resumed_stages_progress_bar_starts_at_the_restored_step(capsys):
   bar.close()
   assert "rl" in capsys.readouterr().err
   assert isinstance(loop.progress(10, 4, "rl", enabled=False), loop._NoBar)
+
+
+def test_a_resumed_stage_with_its_bar_on_counts_from_the_restored_step(tmp_path, capsys):
+  """`run_stage` with `progress_bar=True`, resuming a 5-step stage from its step-2 checkpoint:
+  the bar on stderr opens at 2/5 and closes at 5/5."""
+  from openvlthinker.metrics import MetricsWriter
+  from openvlthinker.train import loop
+
+  class Data:
+    def get_state(self):
+      return {}
+
+    def set_state(self, state):
+      pass
+
+  def run(steps, progress_bar):
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    try:
+      return loop.run_stage("toy", steps, {"w": jnp.zeros(3)},
+                            lambda state, step: ({"w": state["w"] + 1.0}, {"loss": 0.0}), Data(),
+                            loop.StageCheckpoints(str(tmp_path), "toy", keep=None), writer,
+                            checkpoint_every=100, progress_bar=progress_bar)
+    finally:
+      writer.close()
+
+  run(2, progress_bar=False)
+  capsys.readouterr()
+  np.testing.assert_array_equal(run(5, progress_bar=True)["w"], np.full(3, 5.0))
+  frames = [f for f in re.split(r"[\r\n]", capsys.readouterr().err) if f.strip()]
+  assert frames[0].startswith("toy:") and " 2/5 " in frames[0], frames
+  assert " 5/5 " in frames[-1] and not any(" 0/5 " in f for f in frames), frames
 
 
 def test_signals_become_a_flag_and_a_second_ctrl_c_interrupts(capsys):

@@ -43,3 +43,23 @@ def test_a_global_batch_the_shards_cannot_split_evenly_is_named(json_run):
       iterator()
     assert str(e.value) == (f"{field}: expected a multiple of data.shards=3 (each shard gives an "
                             f"equal part of the global batch), got {size}")
+
+
+@pytest.mark.parametrize("field, expected", [
+    ("vocab_size", "model.vocab_size: expected at least the tokenizer's {vocab}, got {got}"),
+    ("image_token_id", "model.image_token_id: expected the tokenizer's <image> id {image}, "
+                       "got {got}"),
+], ids=["vocab_size", "image_token_id"])
+def test_a_model_its_tokenizer_does_not_fit_is_named(json_run, monkeypatch, field, expected):
+  """A model whose vocabulary is smaller than the tokenizer's (token ids past its embedding) or
+  whose <image> token is another id: the field, what was expected and what the model has (the
+  module's model stands in for a build that reports these)."""
+  from openvlthinker.train import context
+  c, ctx = json_run
+  tok = ctx.tokenizer
+  got = {"vocab_size": tok.vocab_size - 1, "image_token_id": tok.image_id + 1}[field]
+  info = dataclasses.replace(ctx.model_info, **{field: got})
+  monkeypatch.setattr(context.registry, "build", lambda *args, **kwargs: (ctx.model, info))
+  with pytest.raises(ValueError) as e:
+    build_context(c, ctx.workdir)
+  assert str(e.value) == expected.format(vocab=tok.vocab_size, image=tok.image_id, got=got)

@@ -184,6 +184,26 @@ def test_two_processes_blocks_index_the_global_minibatch(vlm):
     np.testing.assert_array_equal(images[m, q], batch.images[row])
 
 
+def test_a_one_shard_batch_mesh_packs_a_lone_group_with_one_image(vlm):
+  """`RLStage.place` on a mesh whose batch axis is not split (tensor parallelism only): a
+  micro-batch holding one group packs one image set and a table of 4 rows (3 responses, rounded
+  to a power of two), not rounded up further for batch shards the mesh does not have, which would
+  add a padding image for the vision tower to encode."""
+  import types
+  from openvlthinker import sharding
+  from openvlthinker.train.rl_stage import RLStage
+  _, _, sharder, batch, image_token_id = vlm
+  one = sharding.Sharder(sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": -1}), sharder.rules)
+  assert one.shards("batch") == 1
+  cfg = packing.PackingConfig(enabled=True, row_tokens=128, rows_per_micro=1)
+  ns = types.SimpleNamespace
+  stage = ns(ctx=ns(sharder=one, model=ns(cfg=ns(image_token_id=image_token_id))),
+             packing=cfg, local_packing=cfg, c=ns(rl=ns(group_size=G)))
+  placed = RLStage.place(stage, batch.rows(slice(0, G)))  # group 0: responses of 16, 1, 7
+  assert placed.images.shape[:2] == (1, 1) and placed.rows.shape == (1, 4)
+  np.testing.assert_array_equal(np.sort(np.asarray(placed.rows)[0]), [-1, 0, 1, 2])
+
+
 def test_the_mask_is_what_the_test_checks(vlm):
   """Teeth: a packed row whose responses may see each other (one slot for all) changes the
   log-probs the equality test compares."""

@@ -25,6 +25,16 @@ def test_updates_reduce_to_one_value_each_and_tasks_with_a_valid_row():
   assert out[f"adv_std/{T[0]}"] == pytest.approx(1.0)
 
 
+def test_task_gradient_shares_are_float64_over_the_present_tasks():
+  """The float32 norms the device returns are logged as they are and their shares computed in
+  float64 (1/3 and 2/3 to double precision, so the logged shares sum to 1); a task without rows
+  in the minibatch is left out even when its norm is not 0."""
+  norms = np.array([1.0, 2.0, 5.0] + [0.0] * (len(T) - 3), np.float32)
+  out = rl_metrics.task_balance_metrics(norms, np.array([0, 1, 1]))
+  assert out == {f"grad_norm_task/{T[0]}": 1.0, f"grad_norm_task/{T[1]}": 2.0,
+                 f"grad_share/{T[0]}": 1 / 3, f"grad_share/{T[1]}": 2 / 3}
+
+
 def test_rollout_metrics_against_numpy():
   """Reward parts over every sampled response (filtered or not), per task and overall; entropy,
   length term and overlong penalty over the kept rows; lengths over all rows."""

@@ -143,7 +143,9 @@ def test_eval_mode_scores_the_checkpoints_the_run_evaluated(all_run):
     for metric, values in summary[name].items():
       np.testing.assert_allclose(scored["results"][metric], values, rtol=1e-6, equal_nan=True,
                                  err_msg=f"{spec or 'rl'} {metric}")
-    assert f"wrote {workdir / 'eval' / point}.json" in eval_out
+    # The last line names both outputs: the scores' JSON and the per-problem directory.
+    assert eval_out.endswith(f"\nwrote {workdir / 'eval' / point}.json and "
+                             f"{workdir / 'eval' / point}/\n"), eval_out[-500:]
     # It prints the scores' table (a blank line after it) before the evaluation's summary.
     label = f"{scored['weights']['stage']}@{scored['weights']['step']}"
     table = eval_lib.format_table(
@@ -219,6 +221,31 @@ def test_rl_of_zero_steps_reports_the_starting_weights_before_and_after(all_run,
   assert summary["mean_accuracy_change"] == 0 and "RL raised the held-out overall reward on 0 " in out
   assert not (tmp_path / "rl" / "checkpoints").exists() or not any(
       (tmp_path / "rl" / "checkpoints").iterdir())
+
+
+def test_a_preempted_stage_says_how_to_resume_on_stderr_and_exits_0(tmp_path, monkeypatch):
+  """A stage that stopped after saving on SIGTERM (`loop.Preempted`, here raised by the SFT stage
+  in place of a real signal; the context, its record and the preflight stubbed, as they run
+  before): the message and how to resume on stderr, none on stdout, exit 0 (a preemption is not
+  a failure)."""
+  import types
+  from openvlthinker.train import loop, runner
+
+  def preempted(ctx, writer):
+    raise loop.Preempted("SIGTERM: saved the sft checkpoint at step 1")
+
+  monkeypatch.setattr(runner, "build_context",
+                      lambda config, workdir: types.SimpleNamespace(config=config, workdir=workdir))
+  monkeypatch.setattr(runner, "record_run", lambda ctx: None)
+  monkeypatch.setattr(runner.preflight, "check", lambda ctx, mode: None)
+  monkeypatch.setattr(runner.sft, "run_sft", preempted)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+      pytest.raises(SystemExit) as e:
+    runner.run(make_config(), str(tmp_path), "sft")
+  assert e.value.code == 0 and out.getvalue() == ""
+  assert err.getvalue() == ("SIGTERM: saved the sft checkpoint at step 1; rerun the same command "
+                            "to resume\n")
 
 
 def test_forward_mode_runs_the_model_once(tmp_path):
