@@ -74,7 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # '' = the shipped suite tokenizer.
 
   c.sft = ml_collections.ConfigDict(dict(
-      steps=300, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, grad_clip=1.0))
+      steps=300, learning_rate=1e-3, warmup_steps=20, weight_decay=0.01, grad_clip=1.0,
+      decay="constant",          # after warm-up: 'constant' or 'cosine' (to end_lr_ratio × peak)
+      end_lr_ratio=0.0))
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=40,
@@ -351,6 +353,7 @@ def _paths(c):
 def _sft(c):
   _check(isinstance(c.sft.steps, int) and c.sft.steps >= 0, "sft.steps", "an integer >= 0",
          c.sft.steps)
+  _choice(c, "sft.decay", ("constant", "cosine"))
   from openvlthinker.train.sft import sft_optimizer  # pylint: disable=g-import-not-at-top
   _built("sft", lambda: sft_optimizer(c.sft))
 

@@ -63,9 +63,12 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, stat
 
 
 def sft_optimizer(sft) -> optax.GradientTransformation:
-  """AdamW of the `config.sft` section."""
+  """AdamW of the `config.sft` section; `sft.decay='cosine'` anneals the learning rate to
+  `sft.end_lr_ratio` of its peak over the steps after warm-up."""
+  decay_steps = max(sft.steps - sft.warmup_steps, 0) if sft.decay == "cosine" else 0
   return make_optimizer(sft.learning_rate, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip,
-                        warmup_steps=sft.warmup_steps)
+                        warmup_steps=sft.warmup_steps, decay_steps=decay_steps,
+                        end_lr_ratio=sft.end_lr_ratio)
 
 
 def run_sft(ctx, metrics_writer) -> Any:

@@ -33,9 +33,13 @@ class TrainState:
 
 def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
                    weight_decay: float = 0.0, grad_clip: float = 1.0,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
+                   warmup_steps: int = 0, decay_steps: int = 0,
+                   end_lr_ratio: float = 0.0) -> optax.GradientTransformation:
   """AdamW with decay on matrices only (not norms or biases), after global-norm clipping
-  (`grad_clip=0` turns clipping off). Raises FieldError naming a bad argument."""
+  (`grad_clip=0` turns clipping off). The learning rate warms up linearly over `warmup_steps`,
+  then stays constant (`decay_steps=0`) or follows a cosine from `learning_rate` down to
+  `end_lr_ratio * learning_rate` over the next `decay_steps` and stays there. Raises FieldError
+  naming a bad argument."""
   finite = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
   check(finite(learning_rate) and learning_rate > 0, "learning_rate", "a finite number > 0",
         learning_rate)
@@ -45,12 +49,15 @@ def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
         weight_decay)
   check(finite(grad_clip) and grad_clip >= 0, "grad_clip", "a finite number >= 0 (0 = off)",
         grad_clip)
-  check(isinstance(warmup_steps, int) and warmup_steps >= 0, "warmup_steps", "an integer >= 0",
-        warmup_steps)
-  lr = (optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps
-        else learning_rate)
-  if warmup_steps:
-    lr = optax.join_schedules([lr, optax.constant_schedule(learning_rate)], [warmup_steps])
+  for name, steps in (("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
+    check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0, name,
+          "an integer >= 0", steps)
+  check(finite(end_lr_ratio) and 0 <= end_lr_ratio <= 1, "end_lr_ratio", "a number in [0, 1]",
+        end_lr_ratio)
+  after = (optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_ratio)
+           if decay_steps else optax.constant_schedule(learning_rate))
+  lr = (optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after],
+                             [warmup_steps]) if warmup_steps else after)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   chain = [optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
   if grad_clip > 0:

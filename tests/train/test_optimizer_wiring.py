@@ -107,6 +107,52 @@ def test_warmup_scales_the_first_updates_linearly(weight_decay, grad_clip):
   assert np.abs(no_warmup["b"] - np.asarray(params0()["b"])).min() > 0.5 * lr
 
 
+def test_cosine_decay_anneals_to_the_floor_after_warmup():
+  """Warm-up over k updates, a cosine from lr to end_lr_ratio·lr over the next d, then the floor;
+  the parameters follow numpy's AdamW under that schedule."""
+  lr, k, d, ratio, steps = 0.05, 2, 4, 0.1, 9
+  tx = make_optimizer(lr, weight_decay=0.1, warmup_steps=k, decay_steps=d, end_lr_ratio=ratio)
+
+  def schedule(c):
+    if c < k:
+      return lr * c / k
+    frac = min(c - k, d) / d
+    return lr * (ratio + (1 - ratio) * 0.5 * (1 + np.cos(np.pi * frac)))
+
+  assert [round(schedule(c) / lr, 4) for c in range(8)] == [
+      0.0, 0.5, 1.0, 0.8682, 0.55, 0.2318, 0.1, 0.1]
+  grad_seq = [grads_at(t) for t in range(steps)]
+  want = numpy_adamw(params0(), grad_seq, schedule, 0.1, 1.0)
+  step = jax.jit(lambda s, g: apply_gradients(s, g, tx))
+  state = fresh_state(tx)
+  for t in range(steps):
+    state, _ = step(state, grad_seq[t])
+    for name in want[t]:
+      np.testing.assert_allclose(state.params[name], want[t][name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"step {t} {name}")
+  # The test has teeth: a constant rate after warm-up ends elsewhere.
+  constant = numpy_adamw(params0(), grad_seq, lambda c: lr * min(c / k, 1.0), 0.1, 1.0)[-1]
+  assert np.abs(constant["b"] - want[-1]["b"]).max() > 0.05 * lr
+
+
+def test_sft_decay_cosine_spans_the_steps_after_warmup():
+  import ml_collections
+  from openvlthinker.train.sft import sft_optimizer
+  sft = ml_collections.ConfigDict(dict(steps=10, learning_rate=0.05, warmup_steps=2,
+                                       weight_decay=0.0, grad_clip=0.0, decay="cosine",
+                                       end_lr_ratio=0.0))
+  grad_seq = [grads_at(t) for t in range(11)]
+  schedule = lambda c: 0.05 * (c / 2 if c < 2 else 0.5 * (1 + np.cos(np.pi * min(c - 2, 8) / 8)))
+  want = numpy_adamw(params0(), grad_seq, schedule, 0.0, 0.0)[-1]
+  tx = sft_optimizer(sft)
+  state = fresh_state(tx)
+  step = jax.jit(lambda s, g: apply_gradients(s, g, tx))
+  for g in grad_seq:
+    state, _ = step(state, g)
+  for name in want:
+    np.testing.assert_allclose(state.params[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_are_clipped_to_norm_1_by_default():
   """The public code's default (grad_clip 1.0): a gradient of norm 10 moves Adam's first step as
   the clipped gradient does."""
@@ -147,6 +193,8 @@ def test_the_optimizer_uses_its_betas():
     (dict(learning_rate=1e-3, grad_clip=-1.0),
      "grad_clip: expected a finite number >= 0 (0 = off), got -1.0"),
     (dict(learning_rate=1e-3, warmup_steps=2.5), "warmup_steps: expected an integer >= 0"),
+    (dict(learning_rate=1e-3, decay_steps=-1), "decay_steps: expected an integer >= 0, got -1"),
+    (dict(learning_rate=1e-3, end_lr_ratio=1.5), "end_lr_ratio: expected a number in [0, 1]"),
 ])
 def test_a_bad_optimizer_argument_is_named(kwargs, message):
   with pytest.raises(ValueError) as e:
