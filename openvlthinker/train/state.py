@@ -58,6 +58,10 @@ def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
            if decay_steps else optax.constant_schedule(learning_rate))
   lr = (optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after],
                              [warmup_steps]) if warmup_steps else after)
+  if not warmup_steps and not decay_steps:
+    # A plain float: a schedule adds a step count to the optimizer state, and checkpoints
+    # written without one (every RL run's) would no longer restore.
+    lr = learning_rate
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   chain = [optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
   if grad_clip > 0:

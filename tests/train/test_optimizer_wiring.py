@@ -222,3 +222,13 @@ def test_a_fresh_state_lives_on_the_mesh_extra_statistics_included():
     assert isinstance(pinned, jax.sharding.NamedSharding) and pinned.mesh == sharder.mesh
     assert leaf.sharding.is_equivalent_to(pinned, leaf.ndim)
   assert not jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
+
+
+def test_a_constant_rate_keeps_the_optimizer_state_of_earlier_checkpoints():
+  """No warm-up and no decay: the state has no schedule count, as the checkpoints written before
+  schedules were configurable (a new leaf would stop them restoring)."""
+  leaves = jax.tree.leaves(make_optimizer(1e-3).init(params0()))
+  with_schedule = jax.tree.leaves(make_optimizer(1e-3, decay_steps=5).init(params0()))
+  assert len(with_schedule) == len(leaves) + 1
+  assert all(x.shape == y.shape for x, y in zip(leaves, jax.tree.leaves(
+      make_optimizer(1e-3, warmup_steps=0, decay_steps=0, end_lr_ratio=0.5).init(params0()))))
