@@ -54,14 +54,15 @@ def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.999,
           "an integer >= 0", steps)
   check(finite(end_lr_ratio) and 0 <= end_lr_ratio <= 1, "end_lr_ratio", "a number in [0, 1]",
         end_lr_ratio)
-  after = (optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_ratio)
-           if decay_steps else optax.constant_schedule(learning_rate))
-  lr = (optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after],
-                             [warmup_steps]) if warmup_steps else after)
-  if not warmup_steps and not decay_steps:
-    # A plain float: a schedule adds a step count to the optimizer state, and checkpoints
-    # written without one (every RL run's) would no longer restore.
-    lr = learning_rate
+  # A constant rate stays a plain float: a schedule adds a step count to the optimizer state,
+  # and checkpoints written without one (every RL run's) would no longer restore.
+  lr = learning_rate
+  if decay_steps:
+    lr = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=end_lr_ratio)
+  if warmup_steps:
+    after = lr if decay_steps else optax.constant_schedule(learning_rate)
+    lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after],
+                              [warmup_steps])
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   chain = [optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
   if grad_clip > 0:
